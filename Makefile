@@ -1,0 +1,35 @@
+# tokcomp: everything installs into .venv; nothing outside it is assumed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch (a local wheel on our machines, the registry elsewhere). lmms-eval pulls a
+# torchvision built for the registry's CUDA torch, which cannot load next to the CPU build, so it is
+# removed again: transformers then uses its PIL image processors, and tokcomp decodes video itself.
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install test lint demo clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[eval,video,dev]"
+	$(BIN)/python -m pip uninstall -q -y torchvision || true
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check tokcomp tests
+
+demo: install
+	$(BIN)/tokcomp calibrate --model tiny-llava --budget mid --data builtin:skimage --out results/demo/tiny-llava-mid.yaml
+	$(BIN)/tokcomp inspect builtin:skimage/brick --model tiny-llava --calib results/demo/tiny-llava-mid.yaml --out results/demo/brick-merges.png
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,180 @@
+"""The ``tokcomp`` command line: thin wrappers that parse, call the library and print with rich."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tokcomp.errors import TokcompError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Training-free visual-token compression for vision-language models.",
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _check_budget_syntax(budget: str) -> None:
+    if budget.strip().lower() not in ("low", "mid", "high") and not budget.strip().isdigit():
+        raise TokcompError(f"unknown budget '{budget}': use low, mid, high or a token count")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(..., "--model", "-m", help="Preset name (tiny-llava, tiny-llava-ov) or checkpoint path."),
+    budget: str = typer.Option(..., "--budget", "-b", help="low | mid | high | <mean tokens per image>."),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="Image folder, image file, hf:NAME[:SPLIT[:COLUMN]] or builtin:skimage."
+    ),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Where to write the calibration YAML."),
+    num_images: int = typer.Option(None, "--num-images", "-n", help="Use at most N images (after shuffling)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per calibration batch (B in B*r_i)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the image order."),
+    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32 | bfloat16 | float16."),
+    token_order: str = typer.Option("spatial", "--token-order", help="spatial | reference (DyMU's layout)."),
+) -> None:
+    """Calibrate per-layer DToMe thresholds so the mean token count meets a budget."""
+    from tokcomp.calibrate import calibrate as run_calibration
+    from tokcomp.calibrate import resolve_budget
+    from tokcomp.data.images import open_image_source
+    from tokcomp.io import ensure_writable
+    from tokcomp.models.loading import load_vlm
+
+    _check_budget_syntax(budget)
+    if token_order not in ("spatial", "reference"):
+        raise TokcompError(f"unknown token order '{token_order}' (spatial or reference)")
+    ensure_writable(out_path)
+    items = open_image_source(data)
+    adapter = load_vlm(model, dtype=dtype)
+    target = resolve_budget(budget, adapter.num_patches)
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_step(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.update(tasks[phase], completed=done)
+
+        result = run_calibration(
+            adapter,
+            items,
+            target,
+            data_source=data,
+            batch_size=batch_size,
+            seed=seed,
+            num_images=num_images,
+            token_order=token_order,
+            on_step=on_step,
+        )
+    result.save(out_path)
+    table = Table(title=f"{model}: budget {result.budget}", show_header=True)
+    for column in ("layer", "r", "threshold"):
+        table.add_column(column, justify="right")
+    for i, (r, tau) in enumerate(zip(result.r_per_layer, result.thresholds, strict=True)):
+        table.add_row(str(i), str(r), "inf" if math.isinf(tau) else f"{tau:.4f}")
+    out.print(table)
+    a = result.achieved
+    off = 100 * (a.mean - result.target_tokens) / result.target_tokens
+    out.print(
+        f"target {result.target_tokens} of {result.num_patches} patch tokens; achieved mean {a.mean:.1f} "
+        f"± {a.std:.1f} (min {a.min}, max {a.max}; {off:+.1f}% vs target) over {result.num_images} images"
+    )
+    if abs(off) > 10:
+        console.print("[yellow]warning: achieved mean is more than 10% from the target; use more images[/]")
+    out.print(f"wrote {out_path}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    image: str = typer.Argument(..., help="An image file or builtin:skimage/NAME."),
+    model: str = typer.Option(..., "--model", "-m", help="Preset name or checkpoint path."),
+    calib: Path = typer.Option(..., "--calib", "-c", help="Calibration YAML from `tokcomp calibrate`."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
+) -> None:
+    """Draw which patches DToMe merges for one image, and the tokens left after each layer."""
+    from tokcomp.config import Calibration
+    from tokcomp.data.images import open_image_source
+    from tokcomp.io import ensure_writable
+    from tokcomp.methods.dtome import ThresholdRule
+    from tokcomp.models.loading import load_vlm
+    from tokcomp.visualize import save_merge_figure
+
+    if out_path.suffix.lower() != ".png":
+        raise TokcompError(f"--out must be a .png file, got {out_path}")
+    ensure_writable(out_path)
+    calibration = Calibration.load(calib)
+    items = open_image_source(image)
+    if len(items) != 1:
+        raise TokcompError(f"{image} is a folder of {len(items)} images; give one image")
+    picture = items[0].load()
+    adapter = load_vlm(model)
+    calibration.check_compatible(adapter.num_layers, adapter.vision_weights_hash(), str(calib))
+    pixels = adapter.encoder_views([picture])
+    encoded = adapter.encode(pixels, ThresholdRule(calibration.thresholds), token_order=calibration.token_order)[0]
+    source = encoded.source.numpy()
+    if adapter.drops_cls is False and adapter.has_cls:
+        source = source - 1
+    save_merge_figure(
+        out_path,
+        adapter.view_image(picture),
+        source,
+        adapter.grid,
+        encoded.layer_counts,
+        adapter.feature_layer,
+        f"{items[0].name} · {model} · budget {calibration.budget}",
+    )
+    counts = ", ".join(str(c) for c in encoded.layer_counts)
+    out.print(
+        f"{items[0].name}: {encoded.num_tokens} tokens of {adapter.num_patches} at layer {adapter.feature_layer} "
+        f"(after each layer: {counts})"
+    )
+    out.print(f"wrote {out_path}")
+
+
+def main() -> None:
+    """Console entry point: user errors are one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        code = app(standalone_mode=False)
+    except TokcompError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("TOKCOMP_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {exc}); set TOKCOMP_DEBUG=1 for details", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Image, video and multi-image sources."""

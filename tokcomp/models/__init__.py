@@ -1,0 +1,1 @@
+"""Model families, tiny presets and loading."""

@@ -1,0 +1,61 @@
+"""Load a VLM by preset name, local checkpoint path, or hub id already in the local cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import logging as hf_logging
+
+from tokcomp.errors import TokcompError
+from tokcomp.models.adapters import ADAPTERS, VLMAdapter
+from tokcomp.models.presets import PRESETS, ensure_preset
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str) -> tuple[str, bool]:
+    """(path or hub id, is_local). Preset names are built into the cache on first use."""
+    if name in PRESETS:
+        hf_logging.disable_progress_bar()
+        return str(ensure_preset(name)), True
+    if Path(name).exists():
+        if not (Path(name) / "config.json").exists():
+            raise TokcompError(f"{name} is not a model checkpoint folder (no config.json)")
+        return name, True
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        known = ", ".join(sorted(PRESETS))
+        raise TokcompError(f"unknown model '{name}': not a preset ({known}) nor an existing folder")
+    return name, False
+
+
+def load_vlm(name: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> VLMAdapter:
+    """Load a supported VLM with ``from_pretrained``, offline unless TOKCOMP_ALLOW_DOWNLOAD=1."""
+    if dtype not in DTYPES:
+        raise TokcompError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    path, local = resolve_model_path(name)
+    offline = not local and os.environ.get("TOKCOMP_ALLOW_DOWNLOAD") != "1"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=offline)
+        adapter_cls = ADAPTERS.get(config.model_type)
+        if adapter_cls is None:
+            raise TokcompError(f"model type '{config.model_type}' is not supported (supported: {', '.join(ADAPTERS)})")
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=DTYPES[dtype], local_files_only=offline, attn_implementation=attn_implementation
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=offline)
+    except OSError as exc:
+        hint = "" if local else " (no network: the model must be in the local Hugging Face cache)"
+        raise TokcompError(f"cannot load model '{name}'{hint}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.eval()
+    return adapter_cls(model, tokenizer, image_processor, name)

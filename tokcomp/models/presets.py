@@ -1,0 +1,187 @@
+"""Named tiny models built from real `transformers` configs with a fixed seed.
+
+A preset is built once into the local cache (``$TOKCOMP_HOME``, default ``~/.cache/tokcomp``) with
+``save_pretrained`` and from then on loaded with ``from_pretrained`` like any other checkpoint, so
+the real loading path is the one tests exercise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    PreTrainedModel,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
+
+# LLaVA-1.5's conversation format, for both tiny families ("USER: <image>\n... ASSISTANT:").
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'video' %}<video>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    spec: dict
+    build: Callable[[dict, int], tuple[PreTrainedModel, object]]
+    seed: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        payload = json.dumps({"name": self.name, "spec": self.spec, "seed": self.seed}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _build_tiny_llava(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
+    vision = CLIPVisionConfig(**spec["vision"])
+    text = LlamaConfig(vocab_size=vocab_size, **spec["text"])
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+    )
+    size = vision.image_size
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _build_tiny_llava_ov(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
+    vision = SiglipVisionConfig(vision_use_head=False, **spec["vision"])
+    text = Qwen2Config(vocab_size=vocab_size, **spec["text"])
+    size = vision.image_size
+    pinpoints = [[size * h, size * w] for h, w in spec["grid"]]
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    processor = LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "image_size": 224,
+    "patch_size": 16,
+}
+_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
+
+PRESETS: dict[str, Preset] = {
+    "tiny-llava": Preset(
+        name="tiny-llava",
+        description="LLaVA-1.5 layout: CLIP ViT 6 layers (CLS, 14x14=196 patches at 224 px), "
+        "features from layer -2, Llama 2 layers; random weights",
+        spec={"vision": _VISION, "text": _TEXT},
+        build=_build_tiny_llava,
+    ),
+    "tiny-llava-ov": Preset(
+        name="tiny-llava-ov",
+        description="LLaVA-OneVision layout: SigLIP 6 layers (no CLS, 196 patches at 224 px), "
+        "Qwen2 2 layers, AnyRes grid up to 2x2; random weights",
+        spec={"vision": _VISION, "text": _TEXT, "grid": [[1, 1], [1, 2], [2, 1], [2, 2]]},
+        build=_build_tiny_llava_ov,
+    ),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOKCOMP_HOME", Path.home() / ".cache" / "tokcomp"))
+
+
+def preset_path(name: str) -> Path:
+    preset = PRESETS[name]
+    return cache_root() / "models" / f"{name}-{preset.fingerprint}"
+
+
+def build_preset(name: str, out_dir: Path) -> None:
+    """Build a preset with its seed and save model, tokenizer and image processor to ``out_dir``."""
+    preset = PRESETS[name]
+    tokenizer = build_word_tokenizer(word_vocabulary(), CHAT_TEMPLATE)
+    torch.manual_seed(preset.seed)
+    model, image_processor = preset.build(preset.spec, len(tokenizer))
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    model.config.image_token_id = image_token
+    if hasattr(model.config, "video_token_id"):
+        model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    for cfg in (model.config, model.generation_config):
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.bos_token_id = tokenizer.bos_token_id
+    model.config.tokcomp_preset = name
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+
+
+def ensure_preset(name: str) -> Path:
+    """Path of a built preset, building it on first use (atomically, safe under concurrent callers)."""
+    path = preset_path(name)
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        build_preset(name, tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
