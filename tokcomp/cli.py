@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -24,14 +26,43 @@ console = Console(stderr=True)
 out = Console()
 
 
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def user_errors(command: F) -> F:
+    """User errors become one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TokcompError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if os.environ.get("TOKCOMP_DEBUG"):
+                raise
+            print(
+                f"error: internal error ({type(exc).__name__}: {exc}); set TOKCOMP_DEBUG=1 for details", file=sys.stderr
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _progress() -> Progress:
+    """A progress bar on stderr that clears itself, so an error that follows stays a single line."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        transient=False,
+        transient=True,
+        disable=not console.is_terminal,
     )
 
 
@@ -41,6 +72,7 @@ def _check_budget_syntax(budget: str) -> None:
 
 
 @app.command()
+@user_errors
 def calibrate(
     model: str = typer.Option(..., "--model", "-m", help="Preset name (tiny-llava, tiny-llava-ov) or checkpoint path."),
     budget: str = typer.Option(..., "--budget", "-b", help="low | mid | high | <mean tokens per image>."),
@@ -106,6 +138,7 @@ def calibrate(
 
 
 @app.command("inspect")
+@user_errors
 def inspect_cmd(
     image: str = typer.Argument(..., help="An image file or builtin:skimage/NAME."),
     model: str = typer.Option(..., "--model", "-m", help="Preset name or checkpoint path."),
@@ -153,27 +186,8 @@ def inspect_cmd(
 
 
 def main() -> None:
-    """Console entry point: user errors are one line on stderr and a non-zero exit, never a traceback."""
-    try:
-        code = app(standalone_mode=False)
-    except TokcompError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:
-        if os.environ.get("TOKCOMP_DEBUG"):
-            raise
-        print(f"error: internal error ({type(exc).__name__}: {exc}); set TOKCOMP_DEBUG=1 for details", file=sys.stderr)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
+    """Console entry point."""
+    app()
 
 
 if __name__ == "__main__":

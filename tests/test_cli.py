@@ -1,0 +1,124 @@
+"""The command line as a user runs it: outputs on success, one stderr line and no file on failure."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tokcomp.cli import main
+
+
+def run(argv, capsys):
+    old = sys.argv
+    sys.argv = ["tokcomp", *argv]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("calib") / "tiny-llava-mid.yaml"
+
+
+def test_calibrate_writes_a_complete_yaml(calib_file, capsys, llava):
+    code, out, err = run(
+        [
+            "calibrate",
+            "--model",
+            "tiny-llava",
+            "--budget",
+            "mid",
+            "--data",
+            "builtin:skimage",
+            "--batch-size",
+            "8",
+            "--out",
+            str(calib_file),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    data = yaml.safe_load(calib_file.read_text())
+    assert data["budget"] == "mid" and data["target_tokens"] == 66 and len(data["thresholds"]) == 6
+    assert data["provenance"]["model"] == "tiny-llava" and data["num_images"] == 22
+    assert "achieved mean" in out and "wrote" in out
+
+
+def test_inspect_draws_a_png(calib_file, capsys, tmp_path):
+    png = tmp_path / "merges.png"
+    code, out, err = run(
+        ["inspect", "builtin:skimage/coffee", "--model", "tiny-llava", "--calib", str(calib_file), "--out", str(png)],
+        capsys,
+    )
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.size[0] > 800
+    assert "tokens of 196" in out
+
+
+def test_inspect_refuses_a_calibration_for_another_encoder(calib_file, capsys, tmp_path):
+    png = tmp_path / "x.png"
+    code, _, err = run(
+        [
+            "inspect",
+            "builtin:skimage/coffee",
+            "--model",
+            "tiny-llava-ov",
+            "--calib",
+            str(calib_file),
+            "--out",
+            str(png),
+        ],
+        capsys,
+    )
+    assert code == 2 and err.count("\n") == 1 and "recalibrate" in err
+    assert not png.exists()
+
+
+def _bad_inputs(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(corrupt / "a.png")
+    (corrupt / "b.jpg").write_bytes(b"\xff\xd8 broken")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    return {
+        "empty": ["--data", str(empty)],
+        "corrupt": ["--data", str(corrupt)],
+        "missing": ["--data", str(tmp_path / "nope")],
+        "budget": ["--data", "builtin:skimage", "--budget", "extreme"],
+        "model": ["--data", "builtin:skimage", "--model", "gpt-17"],
+        "unwritable": ["--data", "builtin:skimage", "--out", str(blocker / "out.yaml")],
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "corrupt", "missing", "budget", "model", "unwritable"])
+def test_calibrate_bad_input_is_one_line_and_no_file(case, capsys, tmp_path):
+    args = {"--model": "tiny-llava", "--budget": "low", "--out": str(tmp_path / "out.yaml")}
+    extra = _bad_inputs(tmp_path)[case]
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        args[flag] = value
+    argv = ["calibrate"] + [x for kv in args.items() for x in kv]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out.yaml").exists()
+    assert not [p for p in tmp_path.rglob("*.tmp*")]
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    code, _, err = run(["calibrate", "--frobnicate"], capsys)
+    assert code == 2 and "No such option" in err and "Traceback" not in err
