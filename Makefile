@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # removed again: transformers then uses its PIL image processors, and tokcomp decodes video itself.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint demo clean-venv
+.PHONY: install test lint demo calibrations clean-venv
 
 install: $(STAMP)
 
@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
+	$(BIN)/ruff check tokcomp tests
 	$(BIN)/python -m pytest
 
 lint: install
@@ -30,6 +31,12 @@ lint: install
 demo: install
 	$(BIN)/tokcomp calibrate --model tiny-llava --budget mid --data builtin:skimage --out results/demo/tiny-llava-mid.yaml
 	$(BIN)/tokcomp inspect builtin:skimage/brick --model tiny-llava --calib results/demo/tiny-llava-mid.yaml --out results/demo/brick-merges.png
+
+# The stored calibrations in calib/ (used by later commands when only a budget is given).
+calibrations: install
+	for model in tiny-llava tiny-llava-ov; do for budget in low mid high; do \
+	  $(BIN)/tokcomp calibrate --model $$model --budget $$budget --data builtin:skimage --batch-size 8 \
+	    --out calib/$$model/$$budget.yaml || exit 1; done; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -121,3 +121,19 @@ def test_calibration_is_deterministic_for_a_seed(llava, skimage_items):
     a = calibrate(llava, skimage_items, budget, data_source="x", batch_size=4, seed=3, num_images=12)
     b = calibrate(llava, skimage_items, budget, data_source="x", batch_size=4, seed=3, num_images=12)
     assert a.thresholds == b.thresholds and a.achieved == b.achieved and a.num_images == 12
+
+
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-llava-ov"])
+def test_stored_calibrations_fit_the_presets(model, llava, llava_ov):
+    """calib/<model>/<budget>.yaml must stay valid for the preset weights (rebuild with `make calibrations`)."""
+    from pathlib import Path
+
+    adapter = {"tiny-llava": llava, "tiny-llava-ov": llava_ov}[model]
+    root = Path(__file__).resolve().parents[1] / "calib" / model
+    means = []
+    for budget in ("low", "mid", "high"):
+        calib = Calibration.load(root / f"{budget}.yaml")
+        calib.check_compatible(adapter.num_layers, adapter.vision_weights_hash())
+        assert calib.budget == budget and calib.provenance.model == model
+        means.append(calib.achieved.mean)
+    assert means == sorted(means)

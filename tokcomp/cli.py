@@ -23,7 +23,7 @@ app = typer.Typer(
     help="Training-free visual-token compression for vision-language models.",
 )
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 F = TypeVar("F", bound=Callable[..., None])
