@@ -30,7 +30,8 @@ lint: install
 
 demo: install
 	$(BIN)/tokcomp calibrate --model tiny-llava --budget mid --data builtin:skimage --out results/demo/tiny-llava-mid.yaml
-	$(BIN)/tokcomp inspect builtin:skimage/brick --model tiny-llava --calib results/demo/tiny-llava-mid.yaml --out results/demo/brick-merges.png
+	$(BIN)/tokcomp inspect builtin:skimage/coffee --model tiny-llava --calib results/demo/tiny-llava-mid.yaml --out results/demo/coffee-merges.png
+	$(BIN)/tokcomp inspect builtin:skimage/gravel --model tiny-llava --calib results/demo/tiny-llava-mid.yaml --out results/demo/gravel-merges.png
 
 # The stored calibrations in calib/ (used by later commands when only a budget is given).
 calibrations: install

@@ -133,10 +133,11 @@ class VLMAdapter:
             out = self.vision_model(pixel_values, output_hidden_states=True)
             hidden = out.hidden_states[self.feature_layer]
             bsz, n, _ = hidden.shape
+            device = hidden.device
             snap = LayerSnapshot(
-                valid=torch.ones(bsz, n, dtype=torch.bool),
-                sizes=torch.ones(bsz, n),
-                source=torch.arange(n).expand(bsz, n),
+                valid=torch.ones(bsz, n, dtype=torch.bool, device=device),
+                sizes=torch.ones(bsz, n, device=device),
+                source=torch.arange(n, device=device).expand(bsz, n),
             )
             snapshots = [snap] * (self.num_layers + 1)
         else:
