@@ -42,6 +42,9 @@ def user_errors(command: F) -> F:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # output piped into `head` and friends
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter shutdown quiet
+            raise typer.Exit(0) from None
         except Exception as exc:
             if os.environ.get("TOKCOMP_DEBUG"):
                 raise
@@ -183,6 +186,79 @@ def inspect_cmd(
         f"(after each layer: {counts})"
     )
     out.print(f"wrote {out_path}")
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@app.command(context_settings={"allow_extra_args": True})
+@user_errors
+def apply(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", "-m", help="Preset name or checkpoint path."),
+    method: str = typer.Option("none", "--method", help="none | dymu | dtome | tome, or a preset in configs/."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
+    image: list[str] = typer.Option(None, "--image", "-i", help="Image file(s) or builtin:skimage/NAME."),
+    video: str = typer.Option(None, "--video", help="Video file (mp4, ...) or a folder of frames."),
+    frames: int = typer.Option(8, "--frames", help="Frames sampled uniformly from the video."),
+    calib: Path = typer.Option(None, "--calib", "-c", help="Calibration YAML (dymu, dtome)."),
+    settings: list[str] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate (greedy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Load a VLM, attach a method, answer one prompt, and account for the visual tokens."""
+    import json
+
+    from tokcomp.data.images import open_image_source
+    from tokcomp.data.video import load_video
+    from tokcomp.methods.registry import build_method, parse_sets
+    from tokcomp.models.loading import load_vlm
+    from tokcomp.pipeline import Pipeline, Request
+
+    images_spec = list(image or [])
+    if ctx.args:
+        if not images_spec:
+            raise TokcompError(f"unexpected arguments: {' '.join(ctx.args)}")
+        images_spec.extend(ctx.args)  # --image a.png b.png
+    if not images_spec and not video:
+        raise TokcompError("give --image PATH [PATH ...] or --video PATH")
+    pictures = []
+    for spec in images_spec:
+        items = open_image_source(spec)
+        if len(items) != 1:
+            raise TokcompError(f"{spec} holds {len(items)} images; pass image files")
+        pictures.append(items[0].load())
+    clip = load_video(video, frames) if video else None
+    sets = parse_sets(settings)
+    adapter = load_vlm(model)
+    chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
+    with chosen(adapter):
+        result = Pipeline(adapter, chosen).generate([Request(prompt, pictures, clip)], max_new_tokens)[0]
+    payload = {"model": model, **result.to_dict(), "method": chosen.settings()}
+    if as_json:
+        print(json.dumps(payload, default=str))
+        return
+    out.print(f"[bold]{result.answer or '(empty answer)'}[/]")
+    acc = result.account
+    share = 100 * acc.visual_kept / acc.visual_full if acc.visual_full else 100.0
+    rows = [
+        ("method", chosen.name),
+        ("visual tokens (full → kept)", f"{acc.visual_full} → {acc.visual_kept} ({share:.1f}%)"),
+        ("LLM prompt length (full → kept)", f"{acc.prompt_tokens_full} → {acc.prompt_tokens_kept}"),
+    ]
+    for i, unit in enumerate(acc.per_image):
+        rows.append((f"{unit['kind']} {i}", f"{unit['full']} → {unit['kept']}"))
+    if acc.per_layer:
+        rows.append(("encoder tokens per layer", ", ".join(map(str, acc.per_layer))))
+    for key, value in result.timings_ms.items():
+        rows.append((f"{key} (ms)", f"{value:.1f}"))
+    out.print(_table("token account", rows))
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Compression methods: pure math (merge.py) and small dataclasses that attach to a stock model."""

@@ -1,0 +1,101 @@
+"""DyMU (DToMe + VTU), its DToMe-only ablation, and fixed-r ToMe as method dataclasses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from tokcomp.errors import TokcompError
+from tokcomp.methods.base import Method
+from tokcomp.methods.dtome import FixedRRule, MergeRule, ThresholdRule
+
+if TYPE_CHECKING:
+    from tokcomp.models.adapters import VLMAdapter
+
+
+@dataclass
+class DyMU(Method):
+    """Dynamic merging in the encoder (per-layer thresholds) and virtual unmerging in the LLM."""
+
+    name: ClassVar[str] = "dymu"
+    thresholds: list[float] = field(default_factory=list)
+    vtu: bool = True
+    order: str = "spatial"
+    budget: str | None = None
+    calibration: str | None = None
+    vision_hash: str | None = None
+
+    def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
+        return ThresholdRule(self.thresholds)
+
+    @property
+    def token_order(self) -> str:
+        return self.order
+
+    @property
+    def uses_vtu(self) -> bool:
+        return self.vtu
+
+    def check(self, adapter: VLMAdapter) -> None:
+        if len(self.thresholds) != adapter.num_layers:
+            raise TokcompError(
+                f"{self.name} has {len(self.thresholds)} thresholds but {adapter.name}'s encoder has "
+                f"{adapter.num_layers} layers (calibration made for another encoder?)"
+            )
+        if self.vision_hash and self.vision_hash != adapter.vision_weights_hash():
+            source = self.calibration or "the calibration"
+            raise TokcompError(f"{source} was made for other vision weights than {adapter.name}'s: recalibrate")
+
+    @property
+    def does_nothing(self) -> bool:
+        return all(math.isinf(t) and t > 0 for t in self.thresholds)
+
+
+@dataclass
+class DToMeOnly(DyMU):
+    """The ablation: DToMe's merged tokens fed to the LLM with contiguous positions, no VTU."""
+
+    name: ClassVar[str] = "dtome"
+    vtu: bool = False
+
+
+@dataclass
+class ToMe(Method):
+    """ToMe: a fixed number of merges per encoder layer, the same for every image.
+
+    ``r`` merges in each layer the LLM reads, or ``budget`` (low/mid/high/N tokens) for the schedule
+    that lands every image on that token count (DyMU's fixed-r comparison). Merged tokens are fed
+    with contiguous positions unless ``vtu`` is set.
+    """
+
+    name: ClassVar[str] = "tome"
+    r: int | None = None
+    budget: str | None = None
+    vtu: bool = False
+
+    def schedule(self, adapter: VLMAdapter) -> list[int]:
+        from tokcomp.calibrate import merge_schedule, resolve_budget
+
+        merging = adapter.feature_layer
+        if self.budget is not None:
+            if self.r is not None:
+                raise TokcompError("tome: give r or budget, not both")
+            target = resolve_budget(self.budget, adapter.num_patches).target_tokens
+            rs, _ = merge_schedule(adapter.num_patches, target, merging, adapter.protected)
+        else:
+            r = 4 if self.r is None else self.r
+            if r < 0:
+                raise TokcompError("tome: r must be >= 0")
+            rs = [r] * merging
+        return rs + [0] * (adapter.num_layers - merging)
+
+    def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
+        return FixedRRule(self.schedule(adapter))
+
+    def check(self, adapter: VLMAdapter) -> None:
+        self.schedule(adapter)
+
+    @property
+    def uses_vtu(self) -> bool:
+        return self.vtu

@@ -1,0 +1,145 @@
+"""Method names, presets in configs/, settings from --set, stored calibrations in calib/."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tokcomp.config import Calibration
+from tokcomp.errors import TokcompError
+from tokcomp.methods.base import Method
+from tokcomp.methods.dymu import DToMeOnly, DyMU, ToMe
+
+METHODS: dict[str, type[Method]] = {"none": Method, "dymu": DyMU, "dtome": DToMeOnly, "tome": ToMe}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def project_paths(*parts: str) -> list[Path]:
+    """Where project folders (configs/, calib/) are looked up: the working directory, then the repo."""
+    return [Path.cwd().joinpath(*parts), REPO_ROOT.joinpath(*parts)]
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    settings: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TokcompError(f"--set expects key=value, got '{item}'")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def _load_preset(spec: str) -> tuple[str, dict[str, Any]]:
+    """A method name, or a preset: a YAML path or a name in configs/ (``dymu-low``)."""
+    if spec in METHODS:
+        return spec, {}
+    candidates = [Path(spec)] if spec.endswith((".yaml", ".yml")) else project_paths("configs", f"{spec}.yaml")
+    for path in candidates:
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise TokcompError(f"method preset {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+            if not isinstance(data, dict) or "method" not in data:
+                raise TokcompError(f"method preset {path} must be a mapping with a 'method' key")
+            name = str(data.pop("method"))
+            if name not in METHODS:
+                raise TokcompError(f"method preset {path} names unknown method '{name}'")
+            return name, data
+    known = ", ".join(METHODS)
+    raise TokcompError(f"unknown method '{spec}' (methods: {known}; or a preset in configs/)")
+
+
+def stored_calibration(model: str, budget: str) -> Path | None:
+    for path in project_paths("calib", model, f"{budget}.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    options = [k for k in typing.get_args(kind) if k is not type(None)]
+    if options and typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if isinstance(value, str) and value.lower() in ("none", "null", ""):
+            return None
+        kind = options[0]
+    if isinstance(value, str):
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise TokcompError(f"setting {key}: expected true or false, got '{value}'")
+        try:
+            if kind is int:
+                return int(text)
+            if kind is float:
+                return float(text)
+        except ValueError:
+            raise TokcompError(f"setting {key}: expected a number, got '{value}'") from None
+    return value
+
+
+def build_method(
+    spec: str, model_name: str, num_layers: int, calib: str | None = None, sets: dict | None = None
+) -> Method:
+    """Resolve ``--method``, ``--calib`` and ``--set`` into a method instance."""
+    name, settings = _load_preset(spec)
+    settings.update(sets or {})
+    cls = METHODS[name]
+    if issubclass(cls, DyMU):
+        settings = _dymu_settings(name, settings, model_name, num_layers, calib)
+    elif calib:
+        raise TokcompError(f"--calib is for dymu/dtome; method '{name}' does not use it")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        allowed = ", ".join(sorted(fields)) or "none"
+        raise TokcompError(f"method '{name}' has no setting {', '.join(unknown)} (settings: {allowed})")
+    kwargs = {key: _coerce(value, hints[key], key) for key, value in settings.items()}
+    return cls(**kwargs)
+
+
+def _dymu_settings(name: str, settings: dict, model_name: str, num_layers: int, calib: str | None) -> dict:
+    settings = dict(settings)
+    calib = calib or settings.pop("calib", None)
+    budget = settings.pop("budget", None)
+    threshold = settings.pop("threshold", None)
+    if "thresholds" in settings and isinstance(settings["thresholds"], str):
+        settings["thresholds"] = [float(t) for t in settings["thresholds"].split(",")]
+    if threshold is not None:
+        try:
+            settings["thresholds"] = [float(threshold)] * num_layers
+        except ValueError:
+            raise TokcompError(f"setting threshold: expected a number or inf, got '{threshold}'") from None
+    elif "thresholds" not in settings:
+        if calib is None:
+            if budget is None:
+                raise TokcompError(
+                    f"{name} needs thresholds: pass --calib PATH, --set budget=low|mid|high, or --set threshold=X"
+                )
+            found = stored_calibration(model_name, str(budget))
+            if found is None:
+                raise TokcompError(
+                    f"no stored calibration for {model_name} at budget {budget}; make one with: tokcomp calibrate "
+                    f"--model {model_name} --budget {budget} --data builtin:skimage "
+                    f"--out calib/{model_name}/{budget}.yaml"
+                )
+            calib = str(found)
+        calibration = Calibration.load(calib)
+        settings["thresholds"] = list(calibration.thresholds)
+        settings.setdefault("order", calibration.token_order)
+        settings["budget"] = calibration.budget
+        settings["calibration"] = str(calib)
+        settings["vision_hash"] = calibration.provenance.vision_hash
+    if any(math.isnan(t) for t in settings["thresholds"]):
+        raise TokcompError("thresholds must be numbers")
+    return settings
