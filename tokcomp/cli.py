@@ -254,8 +254,15 @@ def apply(
     ]
     for i, unit in enumerate(acc.per_image):
         rows.append((f"{unit['kind']} {i}", f"{unit['full']} → {unit['kept']}"))
+    if acc.visual_positions != acc.visual_kept:
+        rows.append(("visual positions in the LLM (VTU)", str(acc.visual_positions)))
     if acc.per_layer:
         rows.append(("encoder tokens per layer", ", ".join(map(str, acc.per_layer))))
+    rows.append(("visual keys attended per decode step", f"{acc.decode_visual_attended:.1f}"))
+    rows.append(("KV cache at the end", f"{acc.kv_bytes / 1024:.1f} KiB"))
+    for method_name, numbers in acc.methods.items():
+        for key, value in numbers.items():
+            rows.append((f"{method_name}: {key.replace('_', ' ')}", str(value)))
     for key, value in result.timings_ms.items():
         rows.append((f"{key} (ms)", f"{value:.1f}"))
     out.print(_table("token account", rows))

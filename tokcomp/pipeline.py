@@ -25,10 +25,11 @@ from PIL import Image
 from transformers import DynamicCache
 
 from tokcomp.errors import TokcompError
+from tokcomp.methods.attention import LLMRun, use_attention
 from tokcomp.methods.base import Method
-from tokcomp.methods.vtu import VTUState, attach_vtu
+from tokcomp.methods.vtu import VTUState
 from tokcomp.models.adapters import VLMAdapter
-from tokcomp.models.visual import UnitTokens
+from tokcomp.models.visual import UnitTokens, VisualUnit
 
 
 @dataclass
@@ -42,14 +43,23 @@ class Request:
 
 @dataclass
 class Account:
-    """What compression did to one request."""
+    """What compression did to one request.
+
+    ``visual_full``: visual tokens of the stock model. ``visual_kept``: distinct visual embeddings
+    the LLM computes on in prefill. ``visual_positions``: visual positions the LLM's sequence has
+    (more than ``visual_kept`` under VTU, where merged tokens keep all their positions).
+    """
 
     visual_full: int
     visual_kept: int
+    visual_positions: int
     per_image: list[dict]
     per_layer: list[int]  # visual tokens after each encoder layer, summed over the request's units
     prompt_tokens_full: int
     prompt_tokens_kept: int
+    kv_bytes: int = 0  # this request's KV cache at the end of generation
+    decode_visual_attended: float = 0.0  # visual keys attended per layer and decode step (mean)
+    methods: dict = field(default_factory=dict)  # method-specific numbers (DyCoke's retained ratio, ...)
 
 
 @dataclass
@@ -63,9 +73,17 @@ class Generation:
         acc = self.account
         return {
             "answer": self.answer,
-            "visual_tokens": {"full": acc.visual_full, "kept": acc.visual_kept, "per_image": acc.per_image},
+            "visual_tokens": {
+                "full": acc.visual_full,
+                "kept": acc.visual_kept,
+                "positions": acc.visual_positions,
+                "per_image": acc.per_image,
+                "decode_attended": round(acc.decode_visual_attended, 2),
+            },
             "prompt_tokens": {"full": acc.prompt_tokens_full, "kept": acc.prompt_tokens_kept},
             "per_layer": acc.per_layer,
+            "kv_cache_bytes": acc.kv_bytes,
+            **acc.methods,
             "timings_ms": self.timings_ms,
             "token_ids": self.token_ids,
         }
@@ -78,6 +96,8 @@ class Spliced:
     embeds: torch.Tensor  # (L_un, H)
     mapping: torch.Tensor  # (L_full,)
     account: Account
+    visual_unique: torch.Tensor  # (L_un,) bool: visual entries of the LLM input
+    visual_full: torch.Tensor  # (L_full,) bool: visual positions of the full-length sequence
 
     @property
     def is_identity(self) -> bool:
@@ -95,6 +115,8 @@ class Batch:
     full_positions: torch.Tensor  # (B, L_full)
     full_lengths: torch.Tensor  # (B,)
     unique_lengths: torch.Tensor  # (B,)
+    visual_unique: torch.Tensor  # (B, L_un)
+    visual_full: torch.Tensor  # (B, L_full)
 
 
 def _sync(device: torch.device) -> None:
@@ -123,7 +145,7 @@ class Pipeline:
         units = [adapter.prepare_units(list(r.images), list(r.video) if r.video else None) for r in requests]
         merging = adapter.merging is not None and self.method.encoder_rule(adapter) is not None
         if not merging:
-            return [adapter.stock_unit_tokens(u) for u in units]
+            return [self._select(req, adapter.stock_unit_tokens(req)) for req in units]
         views = torch.cat([u.views for req in units for u in req]) if any(units) else None
         encoded = adapter.encode(views.to(self.device), project=True) if views is not None else []
         out, cursor = [], 0
@@ -133,8 +155,12 @@ class Pipeline:
                 n = unit.views.shape[0]
                 tokens.append(adapter.merged_unit_tokens(unit, encoded[cursor : cursor + n]))
                 cursor += n
-            out.append(tokens)
+            out.append(self._select(req, tokens))
         return out
+
+    def _select(self, units: list[VisualUnit], tokens: list[UnitTokens]) -> list[UnitTokens]:
+        """The method's pre-LLM selection (TTM, pruning) on each unit's tokens."""
+        return [self.method.select(self.adapter, u.kind, t) for u, t in zip(units, tokens, strict=True)]
 
     # --- splice ------------------------------------------------------------------------------
     def splice(self, request: Request, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
@@ -149,34 +175,40 @@ class Pipeline:
         if kinds != unit_kinds:
             raise TokcompError(f"the prompt has placeholders {kinds} but the request has {unit_kinds}")
         text_embeds = adapter.embed_tokens(ids.to(self.device))
-        pieces, maps = [], []
+        pieces, maps, vis_un, vis_full = [], [], [], []
         offset, start = 0, 0
         for slot, unit in zip([*slots, len(ids)], [*units, None], strict=True):
             n_text = slot - start
             pieces.append(text_embeds[start:slot])
             maps.append(torch.arange(n_text, device=self.device) + offset)
+            vis_un.append(torch.zeros(n_text, dtype=torch.bool))
+            vis_full.append(torch.zeros(n_text, dtype=torch.bool))
             offset += n_text
             if unit is not None:
                 pieces.append(unit.unique.to(text_embeds.dtype))
                 maps.append(unit.mapping.to(self.device) + offset)
+                vis_un.append(torch.ones(unit.kept, dtype=torch.bool))
+                vis_full.append(torch.ones(unit.full, dtype=torch.bool))
                 offset += unit.kept
             start = slot + 1
         embeds = torch.cat(pieces)
         mapping = torch.cat(maps)
         per_image = [
-            {"kind": kind, "full": u.full, "kept": u.kept, "per_layer": u.layer_counts}
+            {"kind": kind, "full": u.original, "kept": u.kept, "positions": u.full, "per_layer": u.layer_counts}
             for kind, u in zip(unit_kinds, units, strict=True)
         ]
         per_layer = [sum(c) for c in zip(*(u.layer_counts for u in units), strict=True)] if units else []
         account = Account(
-            visual_full=sum(u.full for u in units),
+            visual_full=sum(u.original for u in units),
             visual_kept=sum(u.kept for u in units),
+            visual_positions=sum(u.full for u in units),
             per_image=per_image,
             per_layer=per_layer,
-            prompt_tokens_full=int(mapping.shape[0]),
+            prompt_tokens_full=int(mapping.shape[0]) - sum(u.full for u in units) + sum(u.original for u in units),
             prompt_tokens_kept=int(embeds.shape[0]),
         )
-        return Spliced(embeds, mapping, account)
+        dev = self.device
+        return Spliced(embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev))
 
     def collate(self, spliced: Sequence[Spliced]) -> Batch:
         bsz = len(spliced)
@@ -189,6 +221,8 @@ class Pipeline:
         mapping = torch.zeros(bsz, l_full, dtype=torch.long, device=dev)
         full_valid = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
         positions = torch.zeros(bsz, l_full, dtype=torch.long, device=dev)
+        visual_unique = torch.zeros(bsz, l_un, dtype=torch.bool, device=dev)
+        visual_full = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
         for b, s in enumerate(spliced):
             n_un, n_full = s.embeds.shape[0], s.mapping.shape[0]
             pad_un, pad_full = l_un - n_un, l_full - n_full
@@ -197,10 +231,13 @@ class Pipeline:
             mapping[b, pad_full:] = s.mapping + pad_un
             full_valid[b, pad_full:] = True
             positions[b, pad_full:] = torch.arange(n_full, device=dev)
+            visual_unique[b, pad_un:] = s.visual_unique
+            visual_full[b, pad_full:] = s.visual_full
         return Batch(
             embeds, unique_valid, mapping, full_valid, positions,
             torch.tensor([s.mapping.shape[0] for s in spliced], device=dev),
             torch.tensor([s.embeds.shape[0] for s in spliced], device=dev),
+            visual_unique, visual_full,
         )  # fmt: skip
 
     # --- prefill / decode --------------------------------------------------------------------
@@ -231,33 +268,40 @@ class Pipeline:
         use_vtu = self.method.uses_vtu and (self.vtu_on_identity or not all(s.is_identity for s in spliced))
 
         t1 = time.perf_counter()
-        steps, logits, state = self._run(batch, use_vtu, max_new_tokens)
+        run = self._run(batch, use_vtu, max_new_tokens)
         _sync(dev)
-        elapsed = time.perf_counter() - t1
-        prefill, decode = state["prefill_s"], elapsed - state["prefill_s"]
+        decode = time.perf_counter() - t1 - run.prefill_s
         eos = self.adapter.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         results = []
         for b, s in enumerate(spliced):
             ids = []
-            for token in steps[b]:
+            for token in run.steps[b]:
                 if token in eos_ids:
                     break
                 ids.append(token)
             answer = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            s.account.kv_bytes = int(run.kv_bytes[b])
+            s.account.decode_visual_attended = run.attended[b]
+            s.account.methods = self.method.report(self.last_hooks, b)
+            if "dycoke" in s.account.methods and s.account.visual_full:
+                s.account.methods["dycoke"]["retained_ratio_measured"] = round(
+                    _attended_deep(self.last_hooks, b, s.account.visual_positions) / s.account.visual_full, 4
+                )
             results.append(Generation(answer, ids, s.account))
-        n_decode = max(len(x) for x in steps) - 1
+        n_decode = max(len(x) for x in run.steps) - 1
         timings = {
             "vision": 1000 * t_vision,
-            "prefill": 1000 * prefill,
+            "prefill": 1000 * run.prefill_s,
             "decode_per_token": 1000 * decode / n_decode if n_decode > 0 else 0.0,
         }
         for r in results:
             r.timings_ms = dict(timings)
-        self.last_prefill_logits = logits
+        self.last_prefill_logits = run.prefill_logits
         return results
 
-    def _run(self, batch: Batch, use_vtu: bool, max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor, dict]:
+    def _run(self, batch: Batch, use_vtu: bool, max_new_tokens: int) -> _RunResult:
+        """Prefill and greedy decoding of one batch."""
         adapter = self.adapter
         lm = adapter.language_model
         cache = DynamicCache(config=lm.config)
@@ -266,38 +310,38 @@ class Pipeline:
         eos = adapter.model.generation_config.eos_token_id
         eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [], device=dev)
         pad_id = adapter.tokenizer.pad_token_id or 0
-        info: dict = {}
         t_start = time.perf_counter()
+        attention_mask = batch.unique_valid.long()
         if use_vtu:
             state = VTUState(
                 mapping=batch.mapping, full_valid=batch.full_valid, positions=batch.full_positions,
                 num_unique=batch.embeds.shape[1], cache=cache, rotary=lm.rotary_emb,
             )  # fmt: skip
-            context = attach_vtu(lm, state)
+            prefill_context = use_attention(lm, LLMRun(vtu=state))
             position_ids = torch.zeros(bsz, batch.embeds.shape[1], dtype=torch.long, device=dev)
-            attention_mask = batch.unique_valid.long()
             next_positions = batch.full_lengths.clone()
+            visual, valid = batch.visual_full, batch.full_valid
         else:
-            state = None
-            context = nullcontext()
-            attention_mask = batch.unique_valid.long()
+            prefill_context = nullcontext()
             position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
             next_positions = batch.unique_lengths.clone()
-        steps: list[list[int]] = [[] for _ in range(bsz)]
-        finished = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        with context:
+            visual, valid = batch.visual_unique, batch.unique_valid
+        with prefill_context:
             out = lm(
                 inputs_embeds=batch.embeds, attention_mask=attention_mask, position_ids=position_ids,
                 past_key_values=cache, use_cache=True,
             )  # fmt: skip
-            logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
-            _sync(dev)
-            info["prefill_s"] = time.perf_counter() - t_start
-            prefill_logits = logits
-            if state is not None:
-                state.prefill = False
-                state.key_valid = batch.full_valid
-                attention_mask = batch.full_valid.long()
+        prefill_logits = logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
+        _sync(dev)
+        prefill_s = time.perf_counter() - t_start
+
+        hooks = self.method.attention_hooks(visual, cache)
+        decode_run = LLMRun(hooks=hooks, key_valid=valid)
+        decode_context = use_attention(lm, decode_run) if hooks else nullcontext()
+        attention_mask = valid.long()
+        steps: list[list[int]] = [[] for _ in range(bsz)]
+        finished = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        with decode_context:
             for step in range(max_new_tokens):
                 token = logits.argmax(dim=-1)
                 token = torch.where(finished, torch.full_like(token, pad_id), token)
@@ -308,21 +352,65 @@ class Pipeline:
                     finished |= torch.isin(token, eos_ids)
                 if bool(finished.all()) or step == max_new_tokens - 1:
                     break
-                attention_mask = torch.cat(
-                    [attention_mask, torch.ones(bsz, 1, dtype=attention_mask.dtype, device=dev)], 1
-                )
-                if state is not None:
-                    state.key_valid = attention_mask.bool()
+                ones = torch.ones(bsz, 1, dtype=attention_mask.dtype, device=dev)
+                attention_mask = torch.cat([attention_mask, ones], dim=1)
+                decode_run.key_valid = attention_mask.bool()
                 out = lm(
                     inputs_embeds=adapter.embed_tokens(token[:, None]), attention_mask=attention_mask,
                     position_ids=next_positions[:, None], past_key_values=cache, use_cache=True,
                 )  # fmt: skip
                 next_positions = next_positions + 1
                 logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
-        info["cache"] = cache
-        self.last_batch = batch
-        self.last_cache = cache
-        return steps, prefill_logits, info
+        self.method.finish(hooks)
+        self.last_batch, self.last_cache, self.last_hooks = batch, cache, hooks
+        attended = _decode_attended(hooks, visual)
+        return _RunResult(steps, prefill_logits, prefill_s, _kv_bytes_per_sample(cache, attention_mask.bool(), hooks),
+                          attended)  # fmt: skip
+
+
+@dataclass
+class _RunResult:
+    steps: list[list[int]]
+    prefill_logits: torch.Tensor
+    prefill_s: float
+    kv_bytes: list[int]
+    attended: list[float]
+
+
+def _kv_bytes_per_sample(cache: DynamicCache, valid: torch.Tensor, hooks: list) -> list[int]:
+    """Bytes of K and V each request holds in the cache (padding and evicted slots not counted)."""
+    totals = [0] * valid.shape[0]
+    for index, layer in enumerate(cache.layers):
+        keys = getattr(layer, "keys", None)
+        if keys is None or keys.numel() == 0:
+            continue
+        per_column = keys.shape[1] * keys.shape[-1] * keys.element_size() * 2
+        columns = valid[:, : keys.shape[-2]]
+        for hook in hooks:
+            layer_valid = getattr(hook, "valid_columns", None)
+            if layer_valid is not None and (override := layer_valid(index, keys.shape[-2])) is not None:
+                columns = override
+        for b, count in enumerate(columns.sum(dim=1).tolist()):
+            totals[b] += int(count) * per_column
+    return totals
+
+
+def _attended_deep(hooks: list, sample: int, default: float) -> float:
+    """Visual keys attended by the pruned (deep) layers per decode step, for DyCoke's measured ratio."""
+    for hook in hooks:
+        deep = getattr(hook, "deep_attended", None)
+        if deep is not None:
+            return deep(sample, default)
+    return float(default)
+
+
+def _decode_attended(hooks: list, visual: torch.Tensor) -> list[float]:
+    """Visual keys attended per layer per decode step, per request."""
+    for hook in hooks:
+        per_sample = getattr(hook, "attended_per_sample", None)
+        if per_sample is not None:
+            return per_sample()
+    return [float(v) for v in visual.sum(dim=1).tolist()]
 
 
 def generate(

@@ -13,10 +13,17 @@ import yaml
 
 from tokcomp.config import Calibration
 from tokcomp.errors import TokcompError
-from tokcomp.methods.base import Method
+from tokcomp.methods.base import Composed, Method
+from tokcomp.methods.dycoke import DyCoke
 from tokcomp.methods.dymu import DToMeOnly, DyMU, ToMe
 
-METHODS: dict[str, type[Method]] = {"none": Method, "dymu": DyMU, "dtome": DToMeOnly, "tome": ToMe}
+METHODS: dict[str, type[Method]] = {
+    "none": Method,
+    "dymu": DyMU,
+    "dtome": DToMeOnly,
+    "tome": ToMe,
+    "dycoke": DyCoke,
+}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,9 +42,13 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
     return settings
 
 
+def _is_method_name(name: str) -> bool:
+    return all(part in METHODS for part in name.split("+"))
+
+
 def _load_preset(spec: str) -> tuple[str, dict[str, Any]]:
-    """A method name, or a preset: a YAML path or a name in configs/ (``dymu-low``)."""
-    if spec in METHODS:
+    """A method name (``dymu``, ``dymu+dycoke``), or a preset: a YAML path or a name in configs/."""
+    if _is_method_name(spec):
         return spec, {}
     candidates = [Path(spec)] if spec.endswith((".yaml", ".yml")) else project_paths("configs", f"{spec}.yaml")
     for path in candidates:
@@ -49,7 +60,7 @@ def _load_preset(spec: str) -> tuple[str, dict[str, Any]]:
             if not isinstance(data, dict) or "method" not in data:
                 raise TokcompError(f"method preset {path} must be a mapping with a 'method' key")
             name = str(data.pop("method"))
-            if name not in METHODS:
+            if not _is_method_name(name):
                 raise TokcompError(f"method preset {path} names unknown method '{name}'")
             return name, data
     known = ", ".join(METHODS)
@@ -90,15 +101,58 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 def build_method(
     spec: str, model_name: str, num_layers: int, calib: str | None = None, sets: dict | None = None
 ) -> Method:
-    """Resolve ``--method``, ``--calib`` and ``--set`` into a method instance."""
+    """Resolve ``--method``, ``--calib`` and ``--set`` into a method instance.
+
+    A combination ``a+b`` takes per-part settings as ``a.key=value`` (or nested mappings in a
+    preset); a plain ``key`` goes to the one part that has such a setting.
+    """
     name, settings = _load_preset(spec)
     settings.update(sets or {})
+    if "+" not in name:
+        return _build_single(name, settings, model_name, num_layers, calib)
+    names = name.split("+")
+    if len(set(names)) != len(names):
+        raise TokcompError(f"method '{name}' names a method twice")
+    per_part: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key in per_part:
+            per_part[key].update(value)
+            continue
+        part, dot, field_name = key.partition(".")
+        if dot:
+            if part not in per_part:
+                raise TokcompError(f"setting {key}: '{part}' is not part of {name}")
+            per_part[part][field_name] = value
+            continue
+        owners = [n for n in names if key in _setting_names(n)]
+        if len(owners) != 1:
+            where = "none" if not owners else " and ".join(owners)
+            raise TokcompError(f"setting {key} matches {where} of {name}: write it as <method>.{key}")
+        per_part[owners[0]][key] = value
+    uses_calib = [n for n in names if issubclass(METHODS[n], DyMU)]
+    if calib and not uses_calib:
+        raise TokcompError(f"--calib is for dymu/dtome; {name} does not use it")
+    parts = [
+        _build_single(n, per_part[n], model_name, num_layers, calib if n in uses_calib else None) for n in names
+    ]
+    return Composed(parts=parts)
+
+
+def _setting_names(name: str) -> set[str]:
+    cls = METHODS[name]
+    names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+    if issubclass(cls, DyMU):
+        names |= {"budget", "threshold", "calib"}
+    return names
+
+
+def _build_single(name: str, settings: dict, model_name: str, num_layers: int, calib: str | None) -> Method:
     cls = METHODS[name]
     if issubclass(cls, DyMU):
         settings = _dymu_settings(name, settings, model_name, num_layers, calib)
     elif calib:
         raise TokcompError(f"--calib is for dymu/dtome; method '{name}' does not use it")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(settings) - set(fields))
     if unknown:

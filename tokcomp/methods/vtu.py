@@ -13,7 +13,7 @@ then
 4. stores the full-length RoPE'd K/V in the cache, so decoding continues as if nothing was merged,
 5. averages the output back over each group ((MᵀM)⁻¹Mᵀ, before ``o_proj``, which is linear).
 
-Decoding steps use the true positions and plain attention over the cached keys. The KV cache is
+Decoding steps use the true positions and the stock attention over the cached keys. The KV cache is
 therefore full length: VTU saves prefill compute in the linear layers, not decode memory.
 """
 
@@ -22,16 +22,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache
-
-ATTENTION_NAME = "tokcomp_vtu"
 
 
 @dataclass
@@ -44,8 +40,6 @@ class VTUState:
     num_unique: int
     cache: Cache | None
     rotary: nn.Module
-    key_valid: torch.Tensor | None = None  # (B, L_cache) bool while decoding
-    prefill: bool = True
     _rope: dict = field(default_factory=dict)
 
     def rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +48,6 @@ class VTUState:
             self._rope[key] = self.rotary(like, position_ids=self.positions)
         return self._rope[key]
 
-
-_ACTIVE: ContextVar[VTUState | None] = ContextVar("tokcomp_vtu_state", default=None)
 
 
 def _expand(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
@@ -85,7 +77,8 @@ def _full_mask(state: VTUState, window: int | None) -> torch.Tensor:
     return (allowed | eye)[:, None]
 
 
-def _attend(module, query, key, value, mask, scaling):
+def attend(query, key, value, mask, scaling):
+    """SDPA with a boolean mask; grouped K/V heads are repeated to the query heads."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -93,44 +86,26 @@ def _attend(module, query, key, value, mask, scaling):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
 
 
-def vtu_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention function registered as ``tokcomp_vtu``; see the module docstring."""
-    state = _ACTIVE.get()
-    if state is None:
-        raise RuntimeError("tokcomp_vtu attention used outside a VTU context")
-    window = getattr(module, "sliding_window", None)
-    if state.prefill:
-        rotary_apply = sys.modules[type(module).__module__].apply_rotary_pos_emb
-        q_full = _expand(query, state.mapping)
-        k_full = _expand(key, state.mapping)
-        v_full = _expand(value, state.mapping)
-        cos, sin = state.rope(q_full)
-        q_full, k_full = rotary_apply(q_full, k_full, cos, sin)
-        if state.cache is not None:
-            layer = state.cache.layers[module.layer_idx]
-            layer.keys, layer.values = k_full, v_full
-        out = _attend(module, q_full, k_full, v_full, _full_mask(state, window), scaling)
-        out = group_mean(out, state.mapping, state.full_valid, state.num_unique)
-    else:
-        mask = state.key_valid[:, None, None, :]
-        if window:
-            mask = mask.clone()
-            mask[..., : max(0, mask.shape[-1] - window)] = False
-        out = _attend(module, query, key, value, mask, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTENTION_NAME, vtu_attention)
+def vtu_prefill(module: nn.Module, query, key, value, scaling, state: VTUState) -> torch.Tensor:
+    """VTU attention for one layer's prefill; returns (B, L_un, H, D) like an attention function."""
+    rotary_apply = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    q_full = _expand(query, state.mapping)
+    k_full = _expand(key, state.mapping)
+    v_full = _expand(value, state.mapping)
+    cos, sin = state.rope(q_full)
+    q_full, k_full = rotary_apply(q_full, k_full, cos, sin)
+    if state.cache is not None:
+        layer = state.cache.layers[module.layer_idx]
+        layer.keys, layer.values = k_full, v_full
+    out = attend(q_full, k_full, v_full, _full_mask(state, getattr(module, "sliding_window", None)), scaling)
+    out = group_mean(out, state.mapping, state.full_valid, state.num_unique)
+    return out.transpose(1, 2).contiguous()
 
 
 @contextmanager
 def attach_vtu(language_model: nn.Module, state: VTUState) -> Iterator[VTUState]:
-    """Route the language model's attention through VTU inside the block; restore it on exit."""
-    previous = language_model.config._attn_implementation
-    token = _ACTIVE.set(state)
-    language_model.set_attn_implementation(ATTENTION_NAME)
-    try:
+    """Route the language model's attention through VTU (prefill) inside the block; restore on exit."""
+    from tokcomp.methods.attention import LLMRun, use_attention
+
+    with use_attention(language_model, LLMRun(vtu=state)):
         yield state
-    finally:
-        language_model.set_attn_implementation(previous)
-        _ACTIVE.reset(token)

@@ -343,7 +343,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
         for i, u in enumerate(units):
             if u.kind == "video":
                 features = self.model.model.get_video_features(u.views[None]).pooler_output[0]
-                result[i] = identity_tokens(features, [c * u.views.shape[0] for c in full])
+                frames = u.views.shape[0]
+                result[i] = identity_tokens(features, [c * frames for c in full], num_frames=frames)
         return [result[i] for i in range(len(units))]
 
     def merged_unit_tokens(self, unit, views):
@@ -363,7 +364,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
         else:
             full = torch.cat([expanded[0], newline[None].to(expanded)])
             owner = torch.cat([owners[0], owners.new_full((1,), -1)])
-        return tokens_from_copies(full, owner, feats, summed_counts(views))
+        frames = len(views) if unit.kind == "video" else 0
+        return tokens_from_copies(full, owner, feats, summed_counts(views), num_frames=frames)
 
     def _anyres_layout(self, unit, expanded, owners, newline):
         """Stock ``pack_image_features`` on the copied-back tokens, and on canvas coordinates."""

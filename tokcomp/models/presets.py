@@ -115,7 +115,7 @@ _VISION = {
 _TEXT = {
     "hidden_size": 64,
     "intermediate_size": 128,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
@@ -125,14 +125,14 @@ PRESETS: dict[str, Preset] = {
     "tiny-llava": Preset(
         name="tiny-llava",
         description="LLaVA-1.5 layout: CLIP ViT 6 layers (CLS, 14x14=196 patches at 224 px), "
-        "features from layer -2, Llama 2 layers; random weights",
+        "features from layer -2, Llama 4 layers; random weights",
         spec={"vision": _VISION, "text": _TEXT},
         build=_build_tiny_llava,
     ),
     "tiny-llava-ov": Preset(
         name="tiny-llava-ov",
         description="LLaVA-OneVision layout: SigLIP 6 layers (no CLS, 196 patches at 224 px), "
-        "Qwen2 2 layers, AnyRes grid up to 2x2; random weights",
+        "Qwen2 4 layers, AnyRes grid up to 2x2; random weights",
         spec={"vision": _VISION, "text": _TEXT, "grid": [[1, 1], [1, 2], [2, 1], [2, 2]]},
         build=_build_tiny_llava_ov,
     ),

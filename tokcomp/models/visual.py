@@ -29,27 +29,72 @@ class VisualUnit:
 
 @dataclass
 class UnitTokens:
-    """A unit's tokens as the LLM receives them: unique embeddings and the full-length map."""
+    """A unit's tokens as the LLM receives them: unique embeddings and the full-length map.
+
+    ``mapping`` is the sequence the LLM's positions count (one entry per position); a pre-LLM
+    selection (TTM, pruning) shortens it. ``original`` is the stock model's token count, for
+    accounting. Video units also record their frame layout (``frame_tokens`` per frame, then one
+    trailing newline).
+    """
 
     unique: torch.Tensor  # (N_un, H)
     mapping: torch.Tensor  # (N_full,) long into ``unique``
     layer_counts: list[int]  # visual tokens after each encoder layer, summed over views
+    original: int = -1
+    num_frames: int = 0
+    frame_tokens: int = 0
+    positions: torch.Tensor | None = None  # (N_full,) index of each kept position in the stock layout
+
+    def __post_init__(self) -> None:
+        if self.original < 0:
+            self.original = int(self.mapping.shape[0])
+        if self.positions is None:
+            self.positions = torch.arange(self.mapping.shape[0], device=self.mapping.device)
 
     @property
     def full(self) -> int:
+        """Positions the LLM sees for this unit (after any pre-LLM selection)."""
         return int(self.mapping.shape[0])
 
     @property
     def kept(self) -> int:
+        """Distinct embeddings the LLM computes on for this unit."""
         return int(self.unique.shape[0])
 
+    def full_features(self) -> torch.Tensor:
+        """(N_full, H): every position's embedding (merged tokens copied to all their positions)."""
+        return self.unique[self.mapping]
 
-def identity_tokens(features: torch.Tensor, layer_counts: list[int]) -> UnitTokens:
-    return UnitTokens(features, torch.arange(features.shape[0], device=features.device), layer_counts)
+
+def identity_tokens(features: torch.Tensor, layer_counts: list[int], num_frames: int = 0) -> UnitTokens:
+    frame_tokens = (features.shape[0] - 1) // num_frames if num_frames else 0
+    mapping = torch.arange(features.shape[0], device=features.device)
+    return UnitTokens(features, mapping, layer_counts, num_frames=num_frames, frame_tokens=frame_tokens)
+
+
+def select_positions(unit: UnitTokens, keep: torch.Tensor) -> UnitTokens:
+    """Keep only the positions ``keep`` (in the given order); unique tokens nobody uses are dropped."""
+    keep = keep.to(unit.mapping.device)
+    kept_map = unit.mapping[keep]
+    used, inverse = torch.unique(kept_map, return_inverse=True)
+    steps = torch.arange(kept_map.shape[0], device=kept_map.device)
+    first = torch.full_like(used, kept_map.shape[0]).scatter_reduce(0, inverse, steps, "amin")
+    order = first.argsort()  # unique tokens in order of first appearance among the kept positions
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=order.device)
+    return UnitTokens(
+        unique=unit.unique[used[order]],
+        mapping=rank[inverse],
+        layer_counts=unit.layer_counts,
+        original=unit.original,
+        num_frames=unit.num_frames,
+        frame_tokens=unit.frame_tokens,
+        positions=unit.positions[keep],
+    )
 
 
 def tokens_from_copies(
-    full: torch.Tensor, owner: torch.Tensor, token_feats: torch.Tensor, counts: list[int]
+    full: torch.Tensor, owner: torch.Tensor, token_feats: torch.Tensor, counts: list[int], num_frames: int = 0
 ) -> UnitTokens:
     """Unique tokens from a layout: ``owner[p]`` is the merged token copied at ``p``, or -1 if mixed.
 
@@ -68,7 +113,9 @@ def tokens_from_copies(
         else:
             mapping[p] = len(rows)
             rows.append(full[p])
-    return UnitTokens(torch.stack(rows) if rows else full[:0], mapping, counts)
+    frame_tokens = (full.shape[0] - 1) // num_frames if num_frames else 0
+    unique = torch.stack(rows) if rows else full[:0]
+    return UnitTokens(unique, mapping, counts, num_frames=num_frames, frame_tokens=frame_tokens)
 
 
 def summed_counts(views: list[EncodedImage]) -> list[int]:

@@ -1,0 +1,83 @@
+"""tokcomp's attention function, registered with transformers' ``AttentionInterface``.
+
+The pipeline switches the language model to it only for the phases that need it: a VTU prefill
+(expansion to the full length, see ``vtu.py``) and decoding with attention hooks (DyCoke's dynamic
+KV pruning). Everything else runs the stock attention, so methods that do nothing stay
+bit-identical to the plain model. The function receives Q/K/V after RoPE and after the cache update,
+as every stock attention function does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+
+from tokcomp.methods.vtu import VTUState, attend, vtu_prefill
+
+ATTENTION_NAME = "tokcomp"
+
+
+class AttentionHook:
+    """Changes which cached keys a decoding query sees (e.g. DyCoke's DP)."""
+
+    def decode(self, module: nn.Module, query, key, value, key_valid, scaling):
+        """Return (key, value, key_valid) for this layer and step; the default changes nothing."""
+        return key, value, key_valid
+
+
+@dataclass
+class LLMRun:
+    """The state of one batch in the language model."""
+
+    vtu: VTUState | None = None
+    hooks: list[AttentionHook] = field(default_factory=list)
+    key_valid: torch.Tensor | None = None  # (B, L_cache) while decoding: False on left padding
+
+    @property
+    def prefill(self) -> bool:
+        return self.key_valid is None
+
+
+_ACTIVE: ContextVar[LLMRun | None] = ContextVar("tokcomp_llm_run", default=None)
+
+
+def tokcomp_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    run = _ACTIVE.get()
+    if run is None:
+        raise RuntimeError("the tokcomp attention function ran outside tokcomp's pipeline")
+    if run.prefill:
+        if run.vtu is None:
+            raise RuntimeError("tokcomp attention in prefill without VTU state")
+        return vtu_prefill(module, query, key, value, scaling, run.vtu), None
+    key_valid = run.key_valid
+    for hook in run.hooks:
+        key, value, key_valid = hook.decode(module, query, key, value, key_valid, scaling)
+    mask = key_valid[:, None, None, :]
+    window = getattr(module, "sliding_window", None)
+    if window and mask.shape[-1] > window:
+        mask = mask.clone()
+        mask[..., : mask.shape[-1] - window] = False
+    out = attend(query, key, value, mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, tokcomp_attention)
+
+
+@contextmanager
+def use_attention(language_model: nn.Module, run: LLMRun) -> Iterator[LLMRun]:
+    """Run the language model's attention through tokcomp inside the block; restore it on exit."""
+    previous = language_model.config._attn_implementation
+    token = _ACTIVE.set(run)
+    language_model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield run
+    finally:
+        language_model.set_attn_implementation(previous)
+        _ACTIVE.reset(token)
