@@ -14,10 +14,20 @@ from tokcomp.models.adapters import ADAPTERS, VLMAdapter
 from tokcomp.models.presets import PRESETS, ensure_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Trained checkpoints committed to the repository, by name (see tokcomp.tiny).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = {"tokcomp-tiny": REPO_ROOT / "checkpoints" / "tokcomp-tiny"}
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:
     """(path or hub id, is_local). Preset names are built into the cache on first use."""
+    if name in COMMITTED:
+        folder = COMMITTED[name]
+        if not (folder / "config.json").exists():
+            raise TokcompError(
+                f"the {name} checkpoint is missing ({folder}); retrain it with `python -m tokcomp.tiny.train`"
+            )
+        return str(folder), True
     if name in PRESETS:
         hf_logging.disable_progress_bar()
         return str(ensure_preset(name)), True
@@ -26,7 +36,7 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
             raise TokcompError(f"{name} is not a model checkpoint folder (no config.json)")
         return name, True
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        known = ", ".join(sorted(PRESETS))
+        known = ", ".join(sorted([*PRESETS, *COMMITTED]))
         raise TokcompError(f"unknown model '{name}': not a preset ({known}) nor an existing folder")
     return name, False
 
