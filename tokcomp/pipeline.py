@@ -29,7 +29,7 @@ from tokcomp.methods.attention import LLMRun, use_attention
 from tokcomp.methods.base import Method
 from tokcomp.methods.vtu import VTUState
 from tokcomp.models.adapters import VLMAdapter
-from tokcomp.models.visual import UnitTokens, VisualUnit
+from tokcomp.models.visual import UnitTokens
 
 
 @dataclass
@@ -98,6 +98,7 @@ class Spliced:
     account: Account
     visual_unique: torch.Tensor  # (L_un,) bool: visual entries of the LLM input
     visual_full: torch.Tensor  # (L_full,) bool: visual positions of the full-length sequence
+    positions: torch.Tensor  # (L_un,) position ids of the LLM input when VTU is off
 
     @property
     def is_identity(self) -> bool:
@@ -117,6 +118,7 @@ class Batch:
     unique_lengths: torch.Tensor  # (B,)
     visual_unique: torch.Tensor  # (B, L_un)
     visual_full: torch.Tensor  # (B, L_full)
+    positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
 
 
 def _sync(device: torch.device) -> None:
@@ -145,7 +147,7 @@ class Pipeline:
         units = [adapter.prepare_units(list(r.images), list(r.video) if r.video else None) for r in requests]
         merging = adapter.merging is not None and self.method.encoder_rule(adapter) is not None
         if not merging:
-            return [self._select(req, adapter.stock_unit_tokens(req)) for req in units]
+            return [adapter.stock_unit_tokens(req) for req in units]
         views = torch.cat([u.views for req in units for u in req]) if any(units) else None
         encoded = adapter.encode(views.to(self.device), project=True) if views is not None else []
         out, cursor = [], 0
@@ -155,12 +157,14 @@ class Pipeline:
                 n = unit.views.shape[0]
                 tokens.append(adapter.merged_unit_tokens(unit, encoded[cursor : cursor + n]))
                 cursor += n
-            out.append(self._select(req, tokens))
+            out.append(tokens)
         return out
 
-    def _select(self, units: list[VisualUnit], tokens: list[UnitTokens]) -> list[UnitTokens]:
-        """The method's pre-LLM selection (TTM, pruning) on each unit's tokens."""
-        return [self.method.select(self.adapter, u.kind, t) for u, t in zip(units, tokens, strict=True)]
+    def select(self, request: Request, kinds: list[str], tokens: list[UnitTokens]) -> list[UnitTokens]:
+        """The method's pre-LLM selection (TTM, pruning) on one request's units, given its prompt."""
+        ids = self.adapter.tokenizer(request.prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        text = self.adapter.embed_tokens(ids.to(self.device))
+        return self.method.select_request(self.adapter, kinds, tokens, text)
 
     # --- splice ------------------------------------------------------------------------------
     def splice(self, request: Request, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
@@ -208,7 +212,25 @@ class Pipeline:
             prompt_tokens_kept=int(embeds.shape[0]),
         )
         dev = self.device
-        return Spliced(embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev))
+        positions = self._llm_positions(len(ids), slots, units, embeds.shape[0])
+        return Spliced(
+            embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev), positions.to(dev)
+        )
+
+    def _llm_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens], length: int) -> torch.Tensor:
+        """Position ids of the LLM input without VTU: the stock sequence's own positions for methods that
+        keep them (pruning), else contiguous (merging ablations, DyCoke's TTM)."""
+        if not self.method.keeps_positions or any(u.kept != u.full for u in units):
+            return torch.arange(length)
+        pieces, stock, start = [], 0, 0
+        for slot, unit in zip([*slots, num_ids], [*units, None], strict=True):
+            pieces.append(torch.arange(stock, stock + slot - start))
+            stock += slot - start
+            if unit is not None:
+                pieces.append(stock + unit.positions.cpu())
+                stock += unit.original
+            start = slot + 1
+        return torch.cat(pieces)
 
     def collate(self, spliced: Sequence[Spliced]) -> Batch:
         bsz = len(spliced)
@@ -223,6 +245,7 @@ class Pipeline:
         positions = torch.zeros(bsz, l_full, dtype=torch.long, device=dev)
         visual_unique = torch.zeros(bsz, l_un, dtype=torch.bool, device=dev)
         visual_full = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
+        llm_positions = torch.ones(bsz, l_un, dtype=torch.long, device=dev)
         for b, s in enumerate(spliced):
             n_un, n_full = s.embeds.shape[0], s.mapping.shape[0]
             pad_un, pad_full = l_un - n_un, l_full - n_full
@@ -233,11 +256,12 @@ class Pipeline:
             positions[b, pad_full:] = torch.arange(n_full, device=dev)
             visual_unique[b, pad_un:] = s.visual_unique
             visual_full[b, pad_full:] = s.visual_full
+            llm_positions[b, pad_un:] = s.positions
         return Batch(
             embeds, unique_valid, mapping, full_valid, positions,
             torch.tensor([s.mapping.shape[0] for s in spliced], device=dev),
             torch.tensor([s.embeds.shape[0] for s in spliced], device=dev),
-            visual_unique, visual_full,
+            visual_unique, visual_full, llm_positions,
         )  # fmt: skip
 
     # --- prefill / decode --------------------------------------------------------------------
@@ -259,10 +283,12 @@ class Pipeline:
         dev = self.device
         _sync(dev)
         t0 = time.perf_counter()
-        unit_tokens = self.visual_tokens(requests)
+        kinds = [["image"] * len(r.images) + (["video"] if r.video else []) for r in requests]
+        with torch.no_grad():
+            encoded = self.visual_tokens(requests)
+            unit_tokens = [self.select(r, k, u) for r, k, u in zip(requests, kinds, encoded, strict=True)]
         _sync(dev)
         t_vision = time.perf_counter() - t0
-        kinds = [["image"] * len(r.images) + (["video"] if r.video else []) for r in requests]
         spliced = [self.splice(r, u, k) for r, u, k in zip(requests, unit_tokens, kinds, strict=True)]
         batch = self.collate(spliced)
         use_vtu = self.method.uses_vtu and (self.vtu_on_identity or not all(s.is_identity for s in spliced))
@@ -312,6 +338,11 @@ class Pipeline:
         pad_id = adapter.tokenizer.pad_token_id or 0
         t_start = time.perf_counter()
         attention_mask = batch.unique_valid.long()
+        visual = batch.visual_full if use_vtu else batch.visual_unique
+        hooks = self.method.attention_hooks(visual, cache)
+        prefill_hooks = [h for h in hooks if h.active_in_prefill]
+        if use_vtu and prefill_hooks:
+            raise TokcompError(f"{self.method.name}: VTU cannot be combined with pruning inside the prefill")
         if use_vtu:
             state = VTUState(
                 mapping=batch.mapping, full_valid=batch.full_valid, positions=batch.full_positions,
@@ -320,12 +351,13 @@ class Pipeline:
             prefill_context = use_attention(lm, LLMRun(vtu=state))
             position_ids = torch.zeros(bsz, batch.embeds.shape[1], dtype=torch.long, device=dev)
             next_positions = batch.full_lengths.clone()
-            visual, valid = batch.visual_full, batch.full_valid
+            valid = batch.full_valid
         else:
-            prefill_context = nullcontext()
-            position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-            next_positions = batch.unique_lengths.clone()
-            visual, valid = batch.visual_unique, batch.unique_valid
+            run = LLMRun(hooks=prefill_hooks, prefill_valid=batch.unique_valid)
+            prefill_context = use_attention(lm, run) if prefill_hooks else nullcontext()
+            position_ids = batch.positions
+            next_positions = batch.positions[:, -1] + 1
+            valid = batch.unique_valid
         with prefill_context:
             out = lm(
                 inputs_embeds=batch.embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -335,7 +367,6 @@ class Pipeline:
         _sync(dev)
         prefill_s = time.perf_counter() - t_start
 
-        hooks = self.method.attention_hooks(visual, cache)
         decode_run = LLMRun(hooks=hooks, key_valid=valid)
         decode_context = use_attention(lm, decode_run) if hooks else nullcontext()
         attention_mask = valid.long()

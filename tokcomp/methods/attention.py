@@ -1,8 +1,10 @@
 """tokcomp's attention function, registered with transformers' ``AttentionInterface``.
 
 The pipeline switches the language model to it only for the phases that need it: a VTU prefill
-(expansion to the full length, see ``vtu.py``) and decoding with attention hooks (DyCoke's dynamic
-KV pruning). Everything else runs the stock attention, so methods that do nothing stay
+(expansion to the full length, see ``vtu.py``), a prefill with attention hooks (FastV), and
+decoding with attention hooks (DyCoke's dynamic KV pruning, FastV). A hooked prefill starts from
+the stock sdpa mask and stock sdpa call, so layers a hook leaves alone compute exactly what they
+would without it. Everything else runs the stock attention, so methods that do nothing stay
 bit-identical to the plain model. The function receives Q/K/V after RoPE and after the cache update,
 as every stock attention function does.
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tokcomp.methods.vtu import VTUState, attend, vtu_prefill
 
@@ -24,11 +28,25 @@ ATTENTION_NAME = "tokcomp"
 
 
 class AttentionHook:
-    """Changes which cached keys a decoding query sees (e.g. DyCoke's DP)."""
+    """Changes which keys a query sees: in prefill (FastV) or while decoding (DyCoke's DP, FastV)."""
+
+    active_in_prefill: bool = False
+
+    def prefill(self, module: nn.Module, query, key, value, mask, scaling, valid):
+        """Return the boolean mask (B, 1, Q, K) for this layer's prefill; ``mask`` may be None (causal)."""
+        return mask
 
     def decode(self, module: nn.Module, query, key, value, key_valid, scaling):
         """Return (key, value, key_valid) for this layer and step; the default changes nothing."""
         return key, value, key_valid
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, L, L): causal, padded keys hidden, every query sees at least itself."""
+    length = valid.shape[1]
+    tril = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+    return ((tril[None] & valid[:, None, :]) | eye[None])[:, None]
 
 
 @dataclass
@@ -38,6 +56,7 @@ class LLMRun:
     vtu: VTUState | None = None
     hooks: list[AttentionHook] = field(default_factory=list)
     key_valid: torch.Tensor | None = None  # (B, L_cache) while decoding: False on left padding
+    prefill_valid: torch.Tensor | None = None  # (B, L) in a hooked prefill: False on left padding
 
     @property
     def prefill(self) -> bool:
@@ -52,9 +71,12 @@ def tokcomp_attention(module: nn.Module, query, key, value, attention_mask, scal
     if run is None:
         raise RuntimeError("the tokcomp attention function ran outside tokcomp's pipeline")
     if run.prefill:
-        if run.vtu is None:
-            raise RuntimeError("tokcomp attention in prefill without VTU state")
-        return vtu_prefill(module, query, key, value, scaling, run.vtu), None
+        if run.vtu is not None:
+            return vtu_prefill(module, query, key, value, scaling, run.vtu), None
+        mask = attention_mask
+        for hook in run.hooks:
+            mask = hook.prefill(module, query, key, value, mask, scaling, run.prefill_valid)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     key_valid = run.key_valid
     for hook in run.hooks:
         key, value, key_valid = hook.decode(module, query, key, value, key_valid, scaling)
@@ -68,6 +90,7 @@ def tokcomp_attention(module: nn.Module, query, key, value, attention_mask, scal
 
 
 AttentionInterface.register(ATTENTION_NAME, tokcomp_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the stock sdpa masks, for hooked prefills
 
 
 @contextmanager

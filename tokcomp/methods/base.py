@@ -43,9 +43,20 @@ class Method:
     def check(self, adapter: VLMAdapter) -> None:
         """Raise TokcompError if the method cannot be used with this model."""
 
+    @property
+    def keeps_positions(self) -> bool:
+        """Whether tokens left after a pre-LLM selection keep their stock position ids (else contiguous)."""
+        return False
+
     def select(self, adapter: VLMAdapter, kind: str, tokens: UnitTokens) -> UnitTokens:
         """Pre-LLM selection on one image/video's tokens (``kind``); the default keeps everything."""
         return tokens
+
+    def select_request(
+        self, adapter: VLMAdapter, kinds: list[str], tokens: list[UnitTokens], text: torch.Tensor
+    ) -> list[UnitTokens]:
+        """Pre-LLM selection over all units of one request; ``text`` holds the prompt's embeddings."""
+        return [self.select(adapter, kind, unit) for kind, unit in zip(kinds, tokens, strict=True)]
 
     def attention_hooks(self, visual: torch.Tensor, cache) -> list[AttentionHook]:
         """Decode-time attention hooks for a batch; ``visual`` marks the visual columns of the cache."""
@@ -119,9 +130,15 @@ class Composed(Method):
             part.check(adapter)
         self.encoder_rule(adapter)
 
-    def select(self, adapter: VLMAdapter, kind: str, tokens: UnitTokens) -> UnitTokens:
+    @property
+    def keeps_positions(self) -> bool:
+        return any(p.keeps_positions for p in self.parts)
+
+    def select_request(
+        self, adapter: VLMAdapter, kinds: list[str], tokens: list[UnitTokens], text: torch.Tensor
+    ) -> list[UnitTokens]:
         for part in self.parts:
-            tokens = part.select(adapter, kind, tokens)
+            tokens = part.select_request(adapter, kinds, tokens, text)
         return tokens
 
     def attention_hooks(self, visual: torch.Tensor, cache) -> list[AttentionHook]:

@@ -16,6 +16,7 @@ from tokcomp.errors import TokcompError
 from tokcomp.methods.base import Composed, Method
 from tokcomp.methods.dycoke import DyCoke
 from tokcomp.methods.dymu import DToMeOnly, DyMU, ToMe
+from tokcomp.methods.pruning import Adaptive, DivPrune, FastV, RandomPruning
 
 METHODS: dict[str, type[Method]] = {
     "none": Method,
@@ -23,6 +24,10 @@ METHODS: dict[str, type[Method]] = {
     "dtome": DToMeOnly,
     "tome": ToMe,
     "dycoke": DyCoke,
+    "adaptive": Adaptive,
+    "fastv": FastV,
+    "random": RandomPruning,
+    "divprune": DivPrune,
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
