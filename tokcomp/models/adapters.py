@@ -105,7 +105,12 @@ class VLMAdapter:
         return next(self.vision_model.parameters()).dtype
 
     def vision_weights_hash(self) -> str:
-        """sha256 over the vision tower's parameter names, shapes, dtypes and bytes."""
+        """sha256 over the vision tower's parameter names, shapes, dtypes and bytes (computed once)."""
+        if getattr(self, "_vision_hash", None) is None:
+            self._vision_hash = self._hash_vision_weights()
+        return self._vision_hash
+
+    def _hash_vision_weights(self) -> str:
         digest = hashlib.sha256()
         for name, tensor in sorted(self.vision_model.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
