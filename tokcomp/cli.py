@@ -268,6 +268,56 @@ def apply(
     out.print(_table("token account", rows))
 
 
+@app.command()
+@user_errors
+def bench(
+    model: str = typer.Option(
+        ..., "--model", "-m", help="Preset, checkpoint path, or a real shape (llava-1.5-7b-shape)."
+    ),
+    method: str = typer.Option(..., "--method", help="Method or preset to compare with the plain model."),
+    input_spec: str = typer.Option("image", "--input", help="image | images:N | video:FRAMES"),
+    calib: Path = typer.Option(None, "--calib", "-c", help="Calibration YAML (dymu, dtome)."),
+    settings: list[str] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
+    repeat: int = typer.Option(3, "--repeat", help="Measured repetitions (after warm-up)."),
+    warmup: int = typer.Option(1, "--warmup", help="Warm-up repetitions, not measured."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens generated per run."),
+    llm_layers: int = typer.Option(None, "--llm-layers", help="Real shapes: keep only N decoder layers."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="CPU: measure peak RSS in fresh processes."),
+    out_path: Path = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
+) -> None:
+    """Latency, memory, KV cache and FLOPs of a method against the plain model, in the same run."""
+    from tokcomp.bench import cpu_peaks, parse_input, run_bench, write_report
+    from tokcomp.io import ensure_writable
+    from tokcomp.methods.registry import build_method, parse_sets
+    from tokcomp.models.loading import load_vlm
+
+    parse_input(input_spec)
+    if out_path is not None:
+        ensure_writable(out_path)
+    sets = parse_sets(settings)
+    adapter = load_vlm(model, llm_layers=llm_layers)
+    chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
+    chosen.check(adapter)
+    method_args = {"spec": method, "calib": str(calib) if calib else None, "sets": sets}
+    measure_memory = (lambda: cpu_peaks(model, method_args, input_spec, llm_layers, max_new_tokens)) if memory else None
+    with _progress() as progress:
+        task = progress.add_task("benchmarking", total=warmup + repeat)
+        report = run_bench(
+            adapter, chosen, input_spec, repeat, warmup, max_new_tokens, measure_memory,
+            on_step=lambda done, total: progress.update(task, completed=done),
+        )  # fmt: skip
+    table = Table(title=f"{model} · {report['method']['method']} · {report['input']} · {report['machine']}")
+    for column in ("metric", "full", "method", "ratio", "note"):
+        table.add_column(column, justify="left" if column in ("metric", "note") else "right")
+    for name, m in report["metrics"].items():
+        ratio = "" if m["ratio"] is None else f"{m['ratio']:.3f}x"
+        table.add_row(name, f"{m['full']:.4g}", f"{m['method']:.4g}", ratio, m.get("note", ""))
+    out.print(table)
+    if out_path is not None:
+        write_report(report, out_path)
+        out.print(f"wrote {out_path}")
+
+
 def main() -> None:
     """Console entry point."""
     app()

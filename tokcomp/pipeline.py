@@ -140,11 +140,15 @@ class Pipeline:
         return next(self.adapter.model.parameters()).device
 
     # --- encode + select ---------------------------------------------------------------------
+    def prepare(self, requests: Sequence[Request]) -> list[list]:
+        """Preprocess every request's images and video into encoder views (the VLM's own processor)."""
+        return [self.adapter.prepare_units(list(r.images), list(r.video) if r.video else None) for r in requests]
+
     @torch.no_grad()
-    def visual_tokens(self, requests: Sequence[Request]) -> list[list[UnitTokens]]:
-        """Per request, per visual unit: the tokens the LLM receives."""
+    def visual_tokens(self, requests: Sequence[Request], units: list[list] | None = None) -> list[list[UnitTokens]]:
+        """Per request, per visual unit: the tokens the LLM receives (before any pre-LLM selection)."""
         adapter = self.adapter
-        units = [adapter.prepare_units(list(r.images), list(r.video) if r.video else None) for r in requests]
+        units = self.prepare(requests) if units is None else units
         merging = adapter.merging is not None and self.method.encoder_rule(adapter) is not None
         if not merging:
             return [adapter.stock_unit_tokens(req) for req in units]
@@ -198,7 +202,14 @@ class Pipeline:
         embeds = torch.cat(pieces)
         mapping = torch.cat(maps)
         per_image = [
-            {"kind": kind, "full": u.original, "kept": u.kept, "positions": u.full, "per_layer": u.layer_counts}
+            {
+                "kind": kind,
+                "full": u.original,
+                "kept": u.kept,
+                "positions": u.full,
+                "views": u.views,
+                "per_layer": u.layer_counts,
+            }
             for kind, u in zip(unit_kinds, units, strict=True)
         ]
         per_layer = [sum(c) for c in zip(*(u.layer_counts for u in units), strict=True)] if units else []
@@ -284,11 +295,17 @@ class Pipeline:
         _sync(dev)
         t0 = time.perf_counter()
         kinds = [["image"] * len(r.images) + (["video"] if r.video else []) for r in requests]
+        units = self.prepare(requests)
+        t_pre = time.perf_counter()
+        merge_before = self.adapter.merging.seconds if self.adapter.merging is not None else 0.0
         with torch.no_grad():
-            encoded = self.visual_tokens(requests)
+            encoded = self.visual_tokens(requests, units)
+            _sync(dev)
+            t_enc = time.perf_counter()
             unit_tokens = [self.select(r, k, u) for r, k, u in zip(requests, kinds, encoded, strict=True)]
         _sync(dev)
-        t_vision = time.perf_counter() - t0
+        t_sel = time.perf_counter()
+        merge_s = (self.adapter.merging.seconds if self.adapter.merging is not None else 0.0) - merge_before
         spliced = [self.splice(r, u, k) for r, u, k in zip(requests, unit_tokens, kinds, strict=True)]
         batch = self.collate(spliced)
         use_vtu = self.method.uses_vtu and (self.vtu_on_identity or not all(s.is_identity for s in spliced))
@@ -316,10 +333,15 @@ class Pipeline:
                 )
             results.append(Generation(answer, ids, s.account))
         n_decode = max(len(x) for x in run.steps) - 1
+        hook_s = sum(getattr(h, "seconds", 0.0) for h in self.last_hooks)
         timings = {
-            "vision": 1000 * t_vision,
+            "preprocess": 1000 * (t_pre - t0),
+            "vision": 1000 * (t_enc - t_pre),
+            "select": 1000 * (t_sel - t_enc),
             "prefill": 1000 * run.prefill_s,
+            "ttft": 1000 * (t1 - t0 + run.prefill_s),
             "decode_per_token": 1000 * decode / n_decode if n_decode > 0 else 0.0,
+            "method_overhead": 1000 * (merge_s + (t_sel - t_enc) + hook_s),
         }
         for r in results:
             r.timings_ms = dict(timings)

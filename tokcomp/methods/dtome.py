@@ -14,6 +14,7 @@ While nothing has merged and the batch has no padding the layers run exactly the
 from __future__ import annotations
 
 import math
+import time
 import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -94,7 +95,7 @@ class MergeState:
     snapshots: list[LayerSnapshot] = field(default_factory=list)
     keys: torch.Tensor | None = None
     merged_any: bool = False
-
+    seconds: float = 0.0  # time spent matching and merging (the method's own work), all forwards
     def start(self, hidden_states: torch.Tensor) -> None:
         bsz, n, _ = hidden_states.shape
         device = hidden_states.device
@@ -117,6 +118,13 @@ class MergeState:
 
     def merge(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, LayerSnapshot]:
         """Merge after the attention residual; returns the new hidden states and bookkeeping."""
+        start = time.perf_counter()
+        try:
+            return self._merge(layer, hidden_states)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _merge(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, LayerSnapshot]:
         cur = self.current
         keys, self.keys = self.keys, None
         if keys is None:

@@ -22,6 +22,7 @@ attention vector carries over from one request to the next.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -119,6 +120,7 @@ class DynamicPruning(AttentionHook):
     steps: int = 0
     reselections: int = 0
     cache_length: int = 0
+    seconds: float = 0.0  # the hook's own work (probes, selection, gathers)
     attended: list[torch.Tensor] = field(default_factory=list)  # (B,) visual keys seen, per layer per step
     deep: list[torch.Tensor] = field(default_factory=list)  # (B,) the same, layers >= L only
 
@@ -127,6 +129,13 @@ class DynamicPruning(AttentionHook):
         return int(self.visual.shape[1])
 
     def decode(self, module, query, key, value, key_valid, scaling):
+        start = time.perf_counter()
+        try:
+            return self._decode(module, query, key, value, key_valid, scaling)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _decode(self, module, query, key, value, key_valid, scaling):
         index = module.layer_idx
         if index == self.layer - 1:
             self._observe(query, key, key_valid, scaling)

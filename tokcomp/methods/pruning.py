@@ -7,6 +7,7 @@ stock position ids (and image order), so the LLM sees exactly the stock sequence
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -294,6 +295,7 @@ class FastVPruning(AttentionHook):
     num_layers: int = 0
     kept: torch.Tensor | None = None
     active_in_prefill: bool = True
+    seconds: float = 0.0  # the hook's own work (the probe and the masks)
 
     def attended_per_sample(self) -> list[float]:
         """Visual keys per layer (mean over layers): all below K, the kept ones from K on."""
@@ -304,6 +306,13 @@ class FastVPruning(AttentionHook):
         return ((self.layer * total + (self.num_layers - self.layer) * kept) / self.num_layers).tolist()
 
     def prefill(self, module, query, key, value, mask, scaling, valid):
+        start = time.perf_counter()
+        try:
+            return self._prefill(module, query, key, value, mask, scaling, valid)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _prefill(self, module, query, key, value, mask, scaling, valid):
         index = module.layer_idx
         if index == self.layer - 1:
             self._rank(query, key, valid, scaling)

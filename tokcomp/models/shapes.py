@@ -1,0 +1,108 @@
+"""Real model shapes with random weights, for benchmarks: the layer sizes of released VLMs.
+
+Weights are random (seeded) and the vocabulary is tokcomp's small word list (the LM head's cost for
+one token is negligible; the FLOP counts include the real vocabulary analytically). ``llm_layers``
+(default 2) keeps only the first N decoder layers so a CPU can hold and run them; results per layer are exact,
+whole-model numbers are extrapolated and labelled so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from tokcomp.models.presets import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD
+from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
+
+CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+              "image_size": 336, "patch_size": 14}  # fmt: skip
+# SigLIP-so400m/14-384 as LLaVA-OneVision uses it: the last of its 27 layers is removed.
+SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 26, "num_attention_heads": 16,
+                 "image_size": 384, "patch_size": 14}  # fmt: skip
+LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "vocab_size": 32064}  # fmt: skip
+QWEN2_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+             "num_key_value_heads": 2, "vocab_size": 151936}  # fmt: skip
+QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+            "num_key_value_heads": 4, "vocab_size": 152064}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    family: str
+    vision: dict
+    text: dict
+    description: str
+
+    @property
+    def real_llm_layers(self) -> int:
+        return int(self.text["num_hidden_layers"])
+
+    @property
+    def real_vocab(self) -> int:
+        return int(self.text["vocab_size"])
+
+
+SHAPES = {
+    "llava-1.5-7b-shape": Shape("llava-1.5-7b-shape", "llava", CLIP_L_336, LLAMA_7B,
+                                "LLaVA-1.5-7B: CLIP ViT-L/14-336 (577 tokens, features of layer -2), Llama-7B"),
+    "llava-ov-0.5b-shape": Shape("llava-ov-0.5b-shape", "llava_onevision", SIGLIP_SO400M, QWEN2_05B,
+                                 "LLaVA-OneVision-0.5B: SigLIP-so400m/14-384 (729 tokens, 26 layers), Qwen2-0.5B"),
+    "llava-ov-7b-shape": Shape("llava-ov-7b-shape", "llava_onevision", SIGLIP_SO400M, QWEN2_7B,
+                               "LLaVA-OneVision-7B: SigLIP-so400m/14-384, Qwen2-7B"),
+}  # fmt: skip
+
+
+DEFAULT_LLM_LAYERS = 2  # a whole 7B decoder does not fit a 24 GB CPU machine in fp32
+
+
+def build_shape(name: str, llm_layers: int | None = None, seed: int = 0):
+    """(model, tokenizer, image_processor) with the real layer sizes and random weights."""
+    shape = SHAPES[name]
+    tokenizer = build_word_tokenizer(word_vocabulary(), CHAT_TEMPLATE)
+    text = {**shape.text, "vocab_size": len(tokenizer), "max_position_embeddings": 32768}
+    layers = DEFAULT_LLM_LAYERS if llm_layers is None else llm_layers
+    text["num_hidden_layers"] = max(1, min(layers, shape.real_llm_layers))
+    torch.manual_seed(seed)
+    size = shape.vision["image_size"]
+    if shape.family == "llava":
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(**shape.vision), text_config=LlamaConfig(**text),
+            vision_feature_layer=-2, vision_feature_select_strategy="default",
+        )  # fmt: skip
+        model = LlavaForConditionalGeneration(config)
+        processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+            image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        )  # fmt: skip
+    else:
+        pinpoints = [[size * h, size * w] for h, w in ((1, 1), (1, 2), (2, 1), (2, 2))]
+        config = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(vision_use_head=False, **shape.vision), text_config=Qwen2Config(**text),
+            vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+        )  # fmt: skip
+        model = LlavaOnevisionForConditionalGeneration(config)
+        processor = LlavaOnevisionImageProcessorPil(
+            size={"height": size, "width": size}, image_grid_pinpoints=pinpoints,
+            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        )  # fmt: skip
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if hasattr(model.config, "video_token_id"):
+        model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer, processor
