@@ -36,6 +36,8 @@ def user_errors(command: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except typer.Exit:
+            raise
         except TokcompError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
@@ -316,6 +318,29 @@ def bench(
     if out_path is not None:
         write_report(report, out_path)
         out.print(f"wrote {out_path}")
+
+
+_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("make-tasks", context_settings=_FORWARD)
+@user_errors
+def make_tasks(ctx: typer.Context) -> None:
+    """Write the built-in task suites' eval splits (tc_shapes, tc_text, tc_multi, tc_motion) as parquet.
+
+    Options (see `tokcomp make-tasks --help`): --out DIR, --num-items N, --seed S, --tasks ..., --mp4."""
+    from tokcomp.tiny.tasks import main as tasks_main
+
+    raise typer.Exit(tasks_main(ctx.args))
+
+
+@app.command("train-tiny", context_settings=_FORWARD)
+@user_errors
+def train_tiny(ctx: typer.Context) -> None:
+    """Train tokcomp-tiny from scratch on the built-in task generators (CPU; see `--help`)."""
+    from tokcomp.tiny.train import main as train_main
+
+    raise typer.Exit(train_main(ctx.args))
 
 
 def main() -> None:

@@ -1,0 +1,212 @@
+"""tokcomp-tiny: deterministic task generators, answers checked from pixels, the trained model, training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage.measure import label, regionprops
+
+from tokcomp.models.adapters import LlavaOnevisionAdapter
+from tokcomp.tiny import TASKS
+from tokcomp.tiny.tasks import (
+    COLORS,
+    NUMBERS,
+    ORDINALS,
+    generate,
+    make_item,
+    normalize_answer,
+    png_bytes,
+    random_guess,
+    read_eval_split,
+    write_eval_splits,
+)
+
+
+# --- an independent reading of the pictures ----------------------------------------------------
+def blobs(image, color: str | None = None, min_area: int = 25) -> list[tuple[str, str, float, float]]:
+    """(colour, shape, x, y) of every solid palette-coloured region, from the pixels alone."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    found = []
+    for name, rgb in COLORS.items():
+        if color is not None and name != color:
+            continue
+        mask = (pixels == np.array(rgb)).all(-1)
+        for region in regionprops(label(mask, connectivity=1)):
+            if region.area >= min_area:
+                y, x = region.centroid
+                found.append((name, classify(region), float(x), float(y)))
+    return found
+
+
+def classify(region) -> str:
+    """Shape of a filled region: convexity, fill of its box, and where its widest row is."""
+    if region.solidity < 0.85:
+        return "cross"
+    if region.extent > 0.9:
+        return "square"
+    if region.extent > 0.62:
+        return "circle"
+    widths = region.image.sum(1)
+    return "triangle" if widths.argmax() >= 0.75 * (len(widths) - 1) else "diamond"
+
+
+def check_shapes(item) -> None:
+    (image,) = item.images
+    found = blobs(image)
+    if item.kind == "count":
+        assert NUMBERS[len(found)] == item.answer
+    elif item.kind == "color":
+        shape = item.question.split()[-1].rstrip("?")
+        assert [c for c, s, _, _ in found if s == shape] == [item.answer]
+    elif item.kind == "shape":
+        color = item.question.split()[4]
+        assert [s for c, s, _, _ in found if c == color] == [item.answer]
+    else:
+        words = item.question.split()
+        color, shape = words[2], words[3]
+        ((x, y),) = [(x, y) for c, s, x, y in found if (c, s) == (color, shape)]
+        side = ("left" if x < 56 else "right") if "left" in words else ("top" if y < 56 else "bottom")
+        assert side == item.answer
+
+
+def check_multi(item) -> None:
+    seen = []
+    for image in item.images:
+        ((color, shape, _, _),) = blobs(image)
+        seen.append((color, shape))
+    words = item.question.rstrip("?").split()
+    if item.kind == "which":
+        assert seen.index((words[4], words[5])) == ORDINALS.index(item.answer)
+        assert seen.count((words[4], words[5])) == 1
+    elif item.kind == "match":
+        i, j = ORDINALS.index(words[2]), ORDINALS.index(words[4])
+        assert ("yes" if seen[i] == seen[j] else "no") == item.answer
+    else:
+        assert NUMBERS[sum(s == words[-1] for _, s in seen)] == item.answer
+
+
+def check_motion(item) -> None:
+    frames = item.video
+    assert 8 <= len(frames) <= 16
+    words = item.question.rstrip("?").split()
+    if item.kind == "direction":
+        color = words[4]
+        (_, _, x0, y0), (_, _, x1, y1) = blobs(frames[0], color)[0], blobs(frames[-1], color)[0]
+        dx, dy = x1 - x0, y1 - y0
+        moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+        assert moved == item.answer
+    elif item.kind in ("appear", "disappear"):
+        first = {c for c, *_ in blobs(frames[0])}
+        last = {c for c, *_ in blobs(frames[-1])}
+        changed = last - first if item.kind == "appear" else first - last
+        assert changed == {item.answer}
+    else:
+        a, b = words[4].rstrip(","), words[6]
+        onset = {c: next(t for t, f in enumerate(frames) if blobs(f, c)) for c in (a, b)}
+        assert min(onset, key=onset.get) == item.answer
+        assert onset[a] != onset[b]
+
+
+def check_text(item) -> None:
+    """Each character of the alphabet is one connected glyph: count the glyphs drawn."""
+    (image,) = item.images
+    pixels = np.asarray(image).astype(int)
+    glyph = np.zeros(pixels.shape[:2], bool)
+    for name in ("white", "yellow"):
+        glyph |= (np.abs(pixels - np.array(COLORS[name])) <= 60).all(-1)
+    regions = [r for r in regionprops(label(glyph, connectivity=2)) if r.area >= 6]
+    assert 3 <= len(item.answer) <= 5
+    assert len(regions) == len(item.answer)
+
+
+CHECKS = {"tc_shapes": check_shapes, "tc_multi": check_multi, "tc_motion": check_motion, "tc_text": check_text}
+
+
+# --- generators ------------------------------------------------------------------------------
+def _fingerprint(item) -> tuple:
+    return (item.question, item.answer, tuple(item.choices), tuple(png_bytes(im) for im in item.images),
+            tuple(png_bytes(f) for f in item.video or []))  # fmt: skip
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_generators_are_deterministic(task):
+    first = [_fingerprint(it) for it in generate(task, "eval", 4, seed=3)]
+    again = [_fingerprint(make_item(task, "eval", i, seed=3)) for i in (3, 2, 1, 0)][::-1]
+    assert first == again
+    assert first != [_fingerprint(it) for it in generate(task, "train", 4, seed=3)]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answers_are_correct_by_construction(task):
+    items = generate(task, "eval", 40, seed=1)
+    for item in items:
+        CHECKS[task](item)
+        assert not item.choices or item.answer in item.choices
+    assert len({it.kind for it in items}) == {"tc_text": 1, "tc_multi": 3}.get(task, 4)
+
+
+def test_question_and_answer_words_are_in_the_vocabulary():
+    from tokcomp.tiny.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    for task in TASKS:
+        for item in generate(task, "train", 30):
+            ids = tokenizer(f"{item.question} {item.target}", add_special_tokens=False).input_ids
+            assert tokenizer.unk_token_id not in ids, item.question
+
+
+def test_eval_splits_are_files_regenerated_byte_for_byte(tmp_path):
+    paths = write_eval_splits(tmp_path / "a", n=3, seed=0)
+    again = write_eval_splits(tmp_path / "b", n=3, seed=0)
+    for task in TASKS:
+        assert paths[task].read_bytes() == again[task].read_bytes()
+        expected = generate(task, "eval", 3)
+        assert [_fingerprint(it) for it in read_eval_split(paths[task])] == [_fingerprint(it) for it in expected]
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert index["tc_text"]["random_guess"] == 0.0 and 0 < index["tc_multi"]["random_guess"] < 1
+
+
+def test_random_guess_and_normalisation():
+    assert normalize_answer(" K Q Z. ") == normalize_answer("kqz") == "kqz"
+    assert random_guess(generate("tc_shapes", "eval", 20)) > 0.1
+
+
+# --- model -----------------------------------------------------------------------------------
+def test_training_inputs_match_what_the_pipeline_feeds_the_llm():
+    from tokcomp.tiny.model import TEST_SPEC, build_image_processor, build_model, build_tokenizer
+    from tokcomp.tiny.train import _unit_features
+
+    tokenizer = build_tokenizer()
+    model = build_model(TEST_SPEC, tokenizer).eval()
+    adapter = LlavaOnevisionAdapter(model, tokenizer, build_image_processor(TEST_SPEC), "t")
+    items = [make_item(task, "eval", 0) for task in TASKS]
+    units = [adapter.prepare_units(it.images, it.video) for it in items]
+    with torch.no_grad():
+        for unit_list, features in zip(units, _unit_features(adapter, units), strict=True):
+            for stock, mine in zip(adapter.stock_unit_tokens(unit_list), features, strict=True):
+                assert torch.equal(stock.unique, mine)
+
+
+def test_a_two_step_training_run_saves_a_loadable_checkpoint(tmp_path):
+    from tokcomp.models.loading import load_vlm
+    from tokcomp.tiny.evaluate import answer_items
+    from tokcomp.tiny.train import main
+
+    assert main(["--out", str(tmp_path), "--steps", "2", "--test-config", "--batch-scale", "0.25",
+                 "--eval-items", "1", "--threads", "1"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert report["steps"] == 2 and set(report["eval"]) == set(TASKS)
+    adapter = load_vlm(str(tmp_path))
+    assert len(answer_items(adapter, generate("tc_multi", "eval", 1))) == 1
+
+
+def test_a_missing_committed_checkpoint_is_a_clear_error(monkeypatch, tmp_path):
+    from tokcomp.errors import TokcompError
+    from tokcomp.models import loading
+
+    monkeypatch.setitem(loading.COMMITTED, "tokcomp-tiny", tmp_path / "nowhere")
+    with pytest.raises(TokcompError, match="checkpoint is missing"):
+        loading.load_vlm("tokcomp-tiny")

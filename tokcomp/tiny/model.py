@@ -1,0 +1,106 @@
+"""The untrained tokcomp-tiny: a stock LlavaOnevisionForConditionalGeneration (SigLIP + Qwen2), seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+from tokcomp.models.presets import CHAT_TEMPLATE
+from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
+from tokcomp.tiny.tasks import IMAGE_SIZE, vocabulary
+
+# 112 px, patch 8: 14x14 = 196 patch tokens per image or frame. One AnyRes pinpoint (112x112): a lone
+# image costs its base view plus one crop; video frames are pooled 2x2 to 7x7 = 49 tokens each.
+TINY_SPEC: dict = {
+    "vision": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 8,
+    },
+    "text": {
+        "hidden_size": 160,
+        "intermediate_size": 480,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 5,
+        "num_key_value_heads": 5,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+    "pinpoints": [[IMAGE_SIZE, IMAGE_SIZE]],
+}
+# A much smaller model of the same layout, for tests of the training loop.
+TEST_SPEC: dict = {
+    "vision": {**TINY_SPEC["vision"], "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
+    "text": {
+        **TINY_SPEC["text"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    },
+    "pinpoints": TINY_SPEC["pinpoints"],
+}
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer with the project's base words plus every word the task suites use."""
+    return build_word_tokenizer(word_vocabulary(extra=vocabulary()), CHAT_TEMPLATE)
+
+
+def build_image_processor(spec: dict) -> LlavaOnevisionImageProcessorPil:
+    size = spec["vision"]["image_size"]
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size},
+        image_grid_pinpoints=spec["pinpoints"],
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def build_model(
+    spec: dict, tokenizer: PreTrainedTokenizerFast, seed: int = 0
+) -> LlavaOnevisionForConditionalGeneration:
+    """A freshly initialised model with the given sizes and the tokenizer's special token ids."""
+    vision = SiglipVisionConfig(vision_use_head=False, **spec["vision"])
+    text = Qwen2Config(vocab_size=len(tokenizer), **spec["text"])
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=spec["pinpoints"],
+        vision_aspect_ratio="anyres_max_9",
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+        tie_word_embeddings=spec["text"].get("tie_word_embeddings", True),
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    for cfg in (model.config, model.generation_config):
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.bos_token_id = tokenizer.bos_token_id
+    model.config.tokcomp_preset = "tokcomp-tiny"
+    return model
+
+
+def save_checkpoint(model, tokenizer, image_processor, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    return out

@@ -1,0 +1,445 @@
+"""Seeded synthetic task suites for tokcomp-tiny: shapes, text, multi-image and motion questions.
+
+Every item is drawn from its own ``random.Random`` seeded by (task, split, seed, index), so an item
+is the same whatever else is generated, and train and eval splits never share a stream. Answers are
+correct by construction: the generator decides the answer first and draws the scene to match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from tokcomp.tiny import TASKS
+
+IMAGE_SIZE = 112
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35),
+    "green": (40, 190, 60),
+    "blue": (40, 90, 240),
+    "yellow": (245, 225, 30),
+    "purple": (165, 55, 215),
+    "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+PLURALS = {s: s + "s" for s in SHAPES}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+ORDINALS = ("first", "second", "third", "fourth")
+DIRECTIONS = ("left", "right", "up", "down")
+TEXT_ALPHABET = "ABCDEFGHJKLMNPRSTUVWXYZ"  # no I, O, Q: too close to other glyphs at this size
+BACKGROUNDS = ("flat", "gradient", "noise", "stripes", "checker")
+EVAL_SIZE = 250
+
+
+@dataclass
+class Item:
+    """One question about one image, several images, or one video (a list of frames)."""
+
+    task: str
+    kind: str  # question type within the task
+    question: str
+    answer: str
+    choices: list[str]
+    images: list[Image.Image] = field(default_factory=list)
+    video: list[Image.Image] | None = None
+
+    @property
+    def target(self) -> str:
+        """The answer as the model writes it: text answers are spelled one character per word."""
+        return " ".join(self.answer) if self.task == "tc_text" else self.answer
+
+
+@dataclass
+class Obj:
+    shape: str
+    color: str
+    x: float
+    y: float
+    r: float
+
+
+def item_rng(task: str, split: str, seed: int, index: int) -> random.Random:
+    """The item's own generator (string seeds hash with sha512: stable across runs and machines)."""
+    return random.Random(f"tokcomp-tiny/{task}/{split}/{seed}/{index}")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, letters and digits only ("K Q Z." and "kqz" are the same answer)."""
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+# --- drawing ---------------------------------------------------------------------------------
+def background(rng: random.Random, kind: str | None = None, size: int = IMAGE_SIZE) -> Image.Image:
+    """A dark-to-mid background, from flat to textured, that bright objects stand out on."""
+    kind = kind or rng.choice(BACKGROUNDS)
+    base = np.array([rng.randint(25, 110) for _ in range(3)], dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if kind == "flat":
+        field_ = np.zeros((size, size), np.float32)
+    elif kind == "gradient":
+        angle = rng.uniform(0, 2 * math.pi)
+        field_ = ((xx * math.cos(angle) + yy * math.sin(angle)) / size) * rng.uniform(20, 45)
+    elif kind == "noise":
+        noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, (size // 4, size // 4)).astype(np.float32)
+        field_ = np.kron(noise, np.ones((4, 4), np.float32)) * rng.uniform(8, 18)
+    elif kind == "stripes":
+        period, angle = rng.uniform(6, 16), rng.uniform(0, math.pi)
+        field_ = np.sin(2 * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period) * rng.uniform(10, 22)
+    else:
+        cell = rng.randint(5, 14)
+        field_ = (((xx // cell) + (yy // cell)) % 2 * 2 - 1) * rng.uniform(8, 20)
+    pixels = np.clip(base[None, None, :] + field_[..., None], 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def shape_polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
+    """Outline of a shape centred at (x, y) with radius ``r`` (circles are drawn as ellipses)."""
+    if shape == "square":
+        s = r * 0.85
+        return [(x - s, y - s), (x + s, y - s), (x + s, y + s), (x - s, y + s)]
+    if shape == "triangle":
+        return [(x, y - r), (x + r * 0.95, y + r * 0.8), (x - r * 0.95, y + r * 0.8)]
+    if shape == "diamond":
+        return [(x, y - r), (x + r * 0.8, y), (x, y + r), (x - r * 0.8, y)]
+    if shape == "cross":
+        a, b = r, r * 0.35
+        quarter = [(b, -a), (b, -b), (a, -b)]  # one arm's corners; the others are quarter turns of it
+        pts = [(dx, dy) for k in range(4) for dx, dy in [_turn(p, k) for p in quarter]]
+        return [(x + dx, y + dy) for dx, dy in pts]
+    raise ValueError(f"no polygon for {shape}")
+
+
+def _turn(point: tuple[float, float], quarters: int) -> tuple[float, float]:
+    x, y = point
+    for _ in range(quarters):
+        x, y = -y, x
+    return x, y
+
+
+def draw_objects(image: Image.Image, objects: Sequence[Obj]) -> Image.Image:
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    for o in objects:
+        fill = COLORS[o.color]
+        if o.shape == "circle":
+            draw.ellipse([o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r], fill=fill)
+        else:
+            draw.polygon(shape_polygon(o.shape, o.x, o.y, o.r), fill=fill)
+    return out
+
+
+def place(rng: random.Random, radii: Sequence[float], size: int = IMAGE_SIZE, gap: float = 3.0) -> list[tuple]:
+    """Non-overlapping centres for circles of the given radii (restarts until all fit)."""
+    while True:
+        centres: list[tuple[float, float, float]] = []
+        for r in radii:
+            for _ in range(200):
+                x, y = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 2, size - r - 2)
+                if all(math.hypot(x - cx, y - cy) >= r + cr + gap for cx, cy, cr in centres):
+                    centres.append((x, y, r))
+                    break
+            else:
+                break
+        if len(centres) == len(radii):
+            return [(x, y) for x, y, _ in centres]
+
+
+def random_objects(rng: random.Random, n: int, r_range: tuple[float, float] = (7, 11)) -> list[Obj]:
+    """``n`` objects with distinct (shape, colour) pairs at non-overlapping places."""
+    pairs = rng.sample([(s, c) for s in SHAPES for c in COLORS], n)
+    radii = [rng.uniform(*r_range) for _ in range(n)]
+    return [Obj(s, c, x, y, r) for (s, c), (x, y), r in zip(pairs, place(rng, radii), radii, strict=True)]
+
+
+# --- tc_shapes -------------------------------------------------------------------------------
+def make_shapes(rng: random.Random) -> Item:
+    """Colour, shape, count or position of objects in a scene of 1-8 objects."""
+    kind = rng.choice(("color", "shape", "count", "position"))
+    while True:
+        objects = random_objects(rng, rng.randint(1, 8))
+        item = _shapes_question(rng, kind, objects)
+        if item is not None:
+            item.images = [draw_objects(background(rng), objects)]
+            return item
+
+
+def _shapes_question(rng: random.Random, kind: str, objects: list[Obj]) -> Item | None:
+    if kind == "count":
+        return Item("tc_shapes", kind, "how many objects are there?", NUMBERS[len(objects)], list(NUMBERS[1:9]))
+    if kind == "color":
+        unique = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return Item("tc_shapes", kind, f"what color is the {o.shape}?", o.color, list(COLORS))
+    if kind == "shape":
+        unique = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return Item("tc_shapes", kind, f"what shape is the {o.color} object?", o.shape, list(SHAPES))
+    o = rng.choice(objects)
+    centre = IMAGE_SIZE / 2
+    if rng.random() < 0.5:
+        if abs(o.x - centre) < 12:
+            return None
+        answer = "left" if o.x < centre else "right"
+        return Item("tc_shapes", kind, f"is the {o.color} {o.shape} on the left or right?", answer, ["left", "right"])
+    if abs(o.y - centre) < 12:
+        return None
+    answer = "top" if o.y < centre else "bottom"
+    return Item("tc_shapes", kind, f"is the {o.color} {o.shape} at the top or bottom?", answer, ["top", "bottom"])
+
+
+# --- tc_text ---------------------------------------------------------------------------------
+def make_text(rng: random.Random) -> Item:
+    """A 3-5 character string in PIL's built-in font, on a flat or lightly textured background."""
+    text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(3, 5)))
+    image = background(rng, rng.choice(("flat", "flat", "gradient", "noise")))
+    font = ImageFont.load_default(size=rng.randint(21, 26))
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = rng.uniform(4 - left, 4 - left + (IMAGE_SIZE - 8 - right + left) / 3)  # starts in the left third
+    y = rng.uniform(4 - top, IMAGE_SIZE - 4 - bottom)
+    draw.text((x, y), text, font=font, fill=COLORS[rng.choice(("white", "yellow"))])
+    question = rng.choice(("what does the text say?", "read the text."))
+    return Item("tc_text", "read", question, text, [], images=[image])
+
+
+# --- tc_multi --------------------------------------------------------------------------------
+def single_object_image(rng: random.Random, shape: str, color: str) -> Image.Image:
+    r = rng.uniform(12, 18)
+    x, y = rng.uniform(r + 4, IMAGE_SIZE - r - 4), rng.uniform(r + 4, IMAGE_SIZE - r - 4)
+    return draw_objects(background(rng), [Obj(shape, color, x, y, r)])
+
+
+def make_multi(rng: random.Random) -> Item:
+    """2-4 images of one object each: which image shows X, do two images match, how many show a shape."""
+    n = rng.randint(2, 4)
+    kind = rng.choice(("which", "match", "count"))
+    pairs = [(s, c) for s in SHAPES for c in COLORS]
+    ordinals = list(ORDINALS[:n])
+    if kind == "which":
+        chosen = rng.sample(pairs, n)
+        target = rng.randrange(n)
+        shape, color = chosen[target]
+        question = f"which image shows a {color} {shape}?"
+        item = Item("tc_multi", kind, question, ORDINALS[target], ordinals)
+    elif kind == "match":
+        i, j = sorted(rng.sample(range(n), 2))
+        chosen = rng.sample(pairs, n)
+        same = rng.random() < 0.5
+        if same:
+            chosen[j] = chosen[i]
+        else:  # a near miss half the time: same shape or same colour
+            shape, color = chosen[i]
+            near = [p for p in pairs if (p[0] == shape) != (p[1] == color)]
+            if rng.random() < 0.5:
+                chosen[j] = rng.choice(near)
+        question = f"do the {ORDINALS[i]} and {ORDINALS[j]} images match?"
+        item = Item("tc_multi", kind, question, "yes" if chosen[i] == chosen[j] else "no", ["yes", "no"])
+    else:
+        shape = rng.choice(SHAPES)
+        count = rng.randint(0, n)
+        others = [p for p in pairs if p[0] != shape]
+        chosen = [(shape, rng.choice(list(COLORS))) for _ in range(count)] + rng.sample(others, n - count)
+        rng.shuffle(chosen)
+        question = f"how many images show a {shape}?"
+        item = Item("tc_multi", kind, question, NUMBERS[count], list(NUMBERS[: n + 1]))
+    item.images = [single_object_image(rng, s, c) for s, c in chosen]
+    return item
+
+
+# --- tc_motion -------------------------------------------------------------------------------
+def make_motion(rng: random.Random) -> Item:
+    """An 8-16 frame clip: direction of motion, which object appears or disappears, order of events."""
+    frames = rng.randint(8, 16)
+    kind = rng.choice(("direction", "appear", "disappear", "order"))
+    objects = random_objects(rng, rng.randint(2, 3) if kind != "direction" else rng.randint(1, 3), (8, 11))
+    colors = [o.color for o in objects]
+    while len(set(colors)) < len(colors):  # colours name the objects here: make them distinct
+        objects = random_objects(rng, len(objects), (8, 11))
+        colors = [o.color for o in objects]
+    visible = [[True] * frames for _ in objects]
+    paths = [[(o.x, o.y)] * frames for o in objects]
+    if kind == "direction":
+        target = objects[0]
+        direction = rng.choice(DIRECTIONS)
+        paths[0] = _straight_path(rng, target.r, direction, frames)
+        question = f"which way does the {target.color} {target.shape} move?"
+        item = Item("tc_motion", kind, question, direction, list(DIRECTIONS))
+    elif kind in ("appear", "disappear"):
+        cut = rng.randint(frames // 4, frames - frames // 4)
+        visible[0] = [(t >= cut) == (kind == "appear") for t in range(frames)]
+        question = f"what color is the object that {kind}s?"
+        item = Item("tc_motion", kind, question, objects[0].color, colors)
+    else:
+        first, second = sorted(rng.sample(range(1, frames), 2))
+        visible[0] = [t >= first for t in range(frames)]
+        visible[1] = [t >= second for t in range(frames)]
+        a, b = colors[0], colors[1]
+        names = (a, b) if rng.random() < 0.5 else (b, a)
+        question = f"which color appears first, {names[0]} or {names[1]}?"
+        item = Item("tc_motion", kind, question, a, [a, b])
+    back = background(rng)
+    item.video = [
+        draw_objects(
+            back,
+            [Obj(o.shape, o.color, *paths[k][t], o.r) for k, o in enumerate(objects) if visible[k][t]],
+        )
+        for t in range(frames)
+    ]
+    return item
+
+
+def _straight_path(rng: random.Random, r: float, direction: str, frames: int) -> list[tuple[float, float]]:
+    """A straight path of 40-70 px across the frame in ``direction``."""
+    length = rng.uniform(40, 70)
+    lo, hi = r + 2, IMAGE_SIZE - r - 2
+    start = rng.uniform(lo, hi - length)
+    along = [start + length * t / (frames - 1) for t in range(frames)]
+    if direction in ("left", "up"):
+        along = along[::-1]
+    across = rng.uniform(lo, hi)
+    return [(a, across) if direction in ("left", "right") else (across, a) for a in along]
+
+
+GENERATORS: dict[str, Callable[[random.Random], Item]] = {
+    "tc_shapes": make_shapes,
+    "tc_text": make_text,
+    "tc_multi": make_multi,
+    "tc_motion": make_motion,
+}
+
+
+def make_item(task: str, split: str, index: int, seed: int = 0) -> Item:
+    """Item ``index`` of a task's split (deterministic)."""
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
+    return GENERATORS[task](item_rng(task, split, seed, index))
+
+
+def generate(task: str, split: str, n: int, seed: int = 0, start: int = 0) -> list[Item]:
+    return [make_item(task, split, i, seed) for i in range(start, start + n)]
+
+
+def random_guess(items: Sequence[Item]) -> float:
+    """Expected accuracy of guessing uniformly among each item's choices (0 for free-form text)."""
+    return sum(1 / len(it.choices) if it.choices else 0.0 for it in items) / len(items)
+
+
+def vocabulary() -> list[str]:
+    """Every word the suites' questions and answers use."""
+    words = [*COLORS, *SHAPES, *PLURALS.values(), *NUMBERS, *ORDINALS, *DIRECTIONS, *TEXT_ALPHABET]
+    words += ["how", "many", "objects", "there", "what", "color", "shape", "is", "the", "object", "on", "left"]
+    words += ["or", "right", "at", "top", "bottom", "does", "text", "say", "read", "which", "image", "images"]
+    words += ["show", "a", "do", "and", "match", "yes", "no", "way", "move", "appears", "disappears", "first"]
+    return list(dict.fromkeys(words))
+
+
+# --- files -----------------------------------------------------------------------------------
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def item_record(item: Item, index: int) -> dict:
+    return {
+        "id": f"{item.task}-{index:05d}",
+        "task": item.task,
+        "kind": item.kind,
+        "question": item.question,
+        "answer": item.answer,
+        "choices": list(item.choices),
+        "images": [png_bytes(im) for im in item.images],
+        "video": [png_bytes(fr) for fr in item.video or []],
+    }
+
+
+def record_item(record: dict) -> Item:
+    """An Item back from a row of an eval split file."""
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in record["images"]]
+    video = [Image.open(io.BytesIO(b)).convert("RGB") for b in record["video"]] or None
+    return Item(
+        record["task"], record["kind"], record["question"], record["answer"], list(record["choices"]), images, video
+    )
+
+
+def write_mp4(frames: Sequence[Image.Image], path: Path, fps: int = 4) -> None:
+    """A clip as H.264 (lossy, for watching: the PNG frames in the parquet file are the data)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18", "threads": "1"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+
+
+def write_eval_splits(
+    out_dir: str | Path = "data/tasks",
+    n: int = EVAL_SIZE,
+    seed: int = 0,
+    tasks: Sequence[str] = TASKS,
+    mp4: bool = False,
+) -> dict[str, Path]:
+    """Write ``<out_dir>/<task>/eval.parquet`` for each task (same seed, same bytes) and an index.
+
+    With ``mp4`` the tc_motion clips are also written as ``<out_dir>/tc_motion/videos/<id>.mp4``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    written, summary = {}, {}
+    for task in tasks:
+        items = generate(task, "eval", n, seed)
+        table = pa.Table.from_pylist([item_record(it, i) for i, it in enumerate(items)])
+        path = out_dir / task / "eval.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path, compression="zstd")
+        written[task] = path
+        if mp4 and task == "tc_motion":
+            (path.parent / "videos").mkdir(exist_ok=True)
+            for i, it in enumerate(items):
+                write_mp4(it.video, path.parent / "videos" / f"{item_record(it, i)['id']}.mp4")
+        summary[task] = {"items": n, "seed": seed, "random_guess": round(random_guess(items), 4)}
+    (out_dir / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return written
+
+
+def read_eval_split(path: str | Path, limit: int | None = None) -> list[Item]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    return [record_item(r) for r in rows[:limit]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokcomp.tiny.tasks", description=write_eval_splits.__doc__)
+    parser.add_argument("--out", default="data/tasks", help="output folder (default: data/tasks)")
+    parser.add_argument("--num-items", type=int, default=EVAL_SIZE, help=f"items per task (default {EVAL_SIZE})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--mp4", action="store_true", help="also write the tc_motion clips as mp4 files")
+    args = parser.parse_args(argv)
+    for task, path in write_eval_splits(args.out, args.num_items, args.seed, args.tasks, args.mp4).items():
+        print(f"{task}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
