@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from cli_runner import run_tokcomp as _run
 
 from tokcomp.bench import parse_input
-from tokcomp.cli import main
 from tokcomp.errors import TokcompError
 from tokcomp.models.loading import load_vlm
 from tokcomp.models.shapes import SHAPES
-
-
-def _run(argv, capsys):
-    old = sys.argv
-    sys.argv = ["tokcomp", *argv]
-    try:
-        with pytest.raises(SystemExit) as info:
-            main()
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 def test_bench_writes_a_complete_json(tmp_path, capsys):

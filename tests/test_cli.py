@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import yaml
+from cli_runner import run_tokcomp as run
 from PIL import Image
-
-from tokcomp.cli import main
-
-
-def run(argv, capsys):
-    old = sys.argv
-    sys.argv = ["tokcomp", *argv]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
