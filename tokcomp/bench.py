@@ -5,7 +5,7 @@ alternating order, and keeps every phase's time; the report gives medians and me
 of: preprocessing, vision encoder, time to first token, LLM prefill (also per decoder layer, and
 extrapolated to the real layer count for the real-shape presets, labelled as such), decode time per
 token, the methods' own work, peak memory (CUDA peak on a GPU; on a CPU the peak RSS of a fresh
-process running one request, minus that of a process that only loads the model), KV-cache bytes,
+process while it runs one request, with the kernel's peak mark reset after loading), KV-cache bytes,
 analytic FLOPs of prefill and decode, and visual tokens.
 """
 
@@ -100,33 +100,58 @@ def _flop_counts(adapter, result: Generation, new_tokens: int) -> dict[str, floa
             "decode_per_token": decode}  # fmt: skip
 
 
-def _peak_child(model: str, method_spec: dict | None, input_spec: str, llm_layers, new_tokens: int, queue) -> None:
-    """Runs in a fresh process: load, (run one request), report ru_maxrss in bytes."""
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so it covers only what follows (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_child(model: str, method_spec: dict, input_spec: str, llm_layers, new_tokens: int, queue) -> None:
+    """Runs in a fresh process: load, reset the peak-RSS mark, run one request, report the peak."""
     from tokcomp.methods.registry import build_method
     from tokcomp.models.loading import load_vlm
 
     torch.set_num_threads(1)
     adapter = load_vlm(model, llm_layers=llm_layers)
-    if method_spec is not None:
-        method = build_method(method_spec["spec"], model, adapter.num_layers, method_spec["calib"], method_spec["sets"])
-        request = make_request(parse_input(input_spec), "describe what you see .")
-        Pipeline(adapter, method).generate([request], new_tokens)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    method = build_method(method_spec["spec"], model, adapter.num_layers, method_spec["calib"], method_spec["sets"])
+    request = make_request(parse_input(input_spec), "describe what you see .")
+    before = _status_bytes("VmRSS")
+    reset = _reset_peak_rss()
+    Pipeline(adapter, method).generate([request], new_tokens)
+    peak = _status_bytes("VmHWM") if reset else None
+    if peak is None or before is None:  # no per-request mark: the whole process's peak
+        peak, before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 0
+    queue.put({"peak": int(peak), "before": int(before)})
 
 
-def cpu_peaks(model: str, method_args: dict, input_spec: str, llm_layers, new_tokens: int) -> dict[str, int]:
-    """Peak RSS of fresh processes: loading only, plain model, method (spawned, so nothing is shared)."""
+def cpu_peaks(model: str, method_args: dict, input_spec: str, llm_layers, new_tokens: int) -> dict[str, dict]:
+    """Peak RSS while one request runs, in fresh (spawned) processes for the plain model and the method."""
     context = multiprocessing.get_context("spawn")
     out = {}
-    variants = {"load": None, "full": {**method_args, "spec": "none", "calib": None, "sets": {}}, "method": method_args}
+    variants = {"full": {"spec": "none", "calib": None, "sets": {}}, "method": method_args}
     for name, spec in variants.items():
         queue = context.Queue()
         process = context.Process(target=_peak_child, args=(model, spec, input_spec, llm_layers, new_tokens, queue))
         process.start()
+        result = queue.get()
         process.join()
         if process.exitcode != 0:
             raise TokcompError(f"the memory measurement process for '{name}' failed (exit {process.exitcode})")
-        out[name] = int(queue.get())
+        out[name] = result
     return out
 
 
@@ -209,9 +234,10 @@ def run_bench(
             "CUDA peak above the memory held before the request")  # fmt: skip
     elif memory is not None:
         peaks = memory()
-        add("peak_rss_bytes", peaks["full"], peaks["method"], "bytes", "process peak RSS, one request, fresh process")
-        add("peak_rss_above_model_bytes", peaks["full"] - peaks["load"], peaks["method"] - peaks["load"], "bytes",
-            "peak RSS minus that of a process that only loads the model")  # fmt: skip
+        full, meth = peaks["full"], peaks["method"]
+        add("peak_rss_bytes", full["peak"], meth["peak"], "bytes", "peak RSS during one request, fresh process")
+        add("peak_rss_above_model_bytes", full["peak"] - full["before"], meth["peak"] - meth["before"], "bytes",
+            "that peak minus the RSS just before the request (the loaded model)")  # fmt: skip
     return {
         "tool": f"tokcomp {__version__}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
