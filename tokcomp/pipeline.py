@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -298,11 +298,10 @@ class Pipeline:
         units = self.prepare(requests)
         t_pre = time.perf_counter()
         merge_before = self.adapter.merging.seconds if self.adapter.merging is not None else 0.0
-        with torch.no_grad():
-            encoded = self.visual_tokens(requests, units)
-            _sync(dev)
-            t_enc = time.perf_counter()
-            unit_tokens = [self.select(r, k, u) for r, k, u in zip(requests, kinds, encoded, strict=True)]
+        encoded = self.visual_tokens(requests, units)
+        _sync(dev)
+        t_enc = time.perf_counter()
+        unit_tokens = [self.select(r, k, u) for r, k, u in zip(requests, kinds, encoded, strict=True)]
         _sync(dev)
         t_sel = time.perf_counter()
         merge_s = (self.adapter.merging.seconds if self.adapter.merging is not None else 0.0) - merge_before
@@ -314,8 +313,7 @@ class Pipeline:
         run = self._run(batch, use_vtu, max_new_tokens)
         _sync(dev)
         decode = time.perf_counter() - t1 - run.prefill_s
-        eos = self.adapter.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        eos_ids = set(self._eos_ids())
         results = []
         for b, s in enumerate(spliced):
             ids = []
@@ -326,11 +324,7 @@ class Pipeline:
             answer = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
             s.account.kv_bytes = int(run.kv_bytes[b])
             s.account.decode_visual_attended = run.attended[b]
-            s.account.methods = self.method.report(self.last_hooks, b)
-            if "dycoke" in s.account.methods and s.account.visual_full:
-                s.account.methods["dycoke"]["retained_ratio_measured"] = round(
-                    _attended_deep(self.last_hooks, b, s.account.visual_positions) / s.account.visual_full, 4
-                )
+            s.account.methods = self.method.report(self.last_hooks, b, s.account)
             results.append(Generation(answer, ids, s.account))
         n_decode = max(len(x) for x in run.steps) - 1
         hook_s = sum(getattr(h, "seconds", 0.0) for h in self.last_hooks)
@@ -348,6 +342,10 @@ class Pipeline:
         self.last_prefill_logits = run.prefill_logits
         return results
 
+    def _eos_ids(self) -> list[int]:
+        eos = self.adapter.model.generation_config.eos_token_id
+        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
     def _run(self, batch: Batch, use_vtu: bool, max_new_tokens: int) -> _RunResult:
         """Prefill and greedy decoding of one batch."""
         adapter = self.adapter
@@ -355,8 +353,7 @@ class Pipeline:
         cache = DynamicCache(config=lm.config)
         bsz = batch.embeds.shape[0]
         dev = batch.embeds.device
-        eos = adapter.model.generation_config.eos_token_id
-        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos] if eos is not None else [], device=dev)
+        eos_ids = torch.tensor(self._eos_ids(), dtype=torch.long, device=dev)
         pad_id = adapter.tokenizer.pad_token_id or 0
         t_start = time.perf_counter()
         attention_mask = batch.unique_valid.long()
@@ -415,7 +412,7 @@ class Pipeline:
                 next_positions = next_positions + 1
                 logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
         self.method.finish(hooks)
-        self.last_batch, self.last_cache, self.last_hooks = batch, cache, hooks
+        self.last_cache, self.last_hooks = cache, hooks
         attended = _decode_attended(hooks, visual)
         return _RunResult(steps, prefill_logits, prefill_s, _kv_bytes_per_sample(cache, attention_mask.bool(), hooks),
                           attended)  # fmt: skip
@@ -448,15 +445,6 @@ def _kv_bytes_per_sample(cache: DynamicCache, valid: torch.Tensor, hooks: list) 
     return totals
 
 
-def _attended_deep(hooks: list, sample: int, default: float) -> float:
-    """Visual keys attended by the pruned (deep) layers per decode step, for DyCoke's measured ratio."""
-    for hook in hooks:
-        deep = getattr(hook, "deep_attended", None)
-        if deep is not None:
-            return deep(sample, default)
-    return float(default)
-
-
 def _decode_attended(hooks: list, visual: torch.Tensor) -> list[float]:
     """Visual keys attended per layer per decode step, per request."""
     for hook in hooks:
@@ -471,7 +459,3 @@ def generate(
 ) -> list[Generation]:
     """Generate answers for ``requests`` with ``method`` (default: the one attached, else none)."""
     return Pipeline(adapter, method).generate(requests, max_new_tokens=max_new_tokens)
-
-
-def account_dict(account: Account) -> dict:
-    return asdict(account)

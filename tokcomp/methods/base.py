@@ -65,8 +65,8 @@ class Method:
     def finish(self, hooks: list[AttentionHook]) -> None:
         """Called after a batch with the hooks this method created."""
 
-    def report(self, hooks: list[AttentionHook], sample: int) -> dict[str, Any]:
-        """Method-specific numbers for one request of the last batch (added to its account)."""
+    def report(self, hooks: list[AttentionHook], sample: int, account) -> dict[str, Any]:
+        """Method-specific numbers for one request of the last batch (added to its ``account``)."""
         return {}
 
     def settings(self) -> dict[str, Any]:
@@ -148,10 +148,10 @@ class Composed(Method):
         for part in self.parts:
             part.finish(hooks)
 
-    def report(self, hooks: list[AttentionHook], sample: int) -> dict[str, Any]:
+    def report(self, hooks: list[AttentionHook], sample: int, account) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for part in self.parts:
-            out.update(part.report(hooks, sample))
+            out.update(part.report(hooks, sample, account))
         return out
 
     def settings(self) -> dict[str, Any]:

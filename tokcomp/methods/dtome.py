@@ -96,6 +96,7 @@ class MergeState:
     keys: torch.Tensor | None = None
     merged_any: bool = False
     seconds: float = 0.0  # time spent matching and merging (the method's own work), all forwards
+
     def start(self, hidden_states: torch.Tensor) -> None:
         bsz, n, _ = hidden_states.shape
         device = hidden_states.device

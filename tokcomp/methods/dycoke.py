@@ -310,7 +310,6 @@ class DyCoke(Method):
         )  # fmt: skip
         if self.reference and self._carry is not None:
             hook.previous = self._carry  # the published code never resets between requests
-        self._last_hook = hook
         return [hook]
 
     def finish(self, hooks: list[AttentionHook]) -> None:
@@ -318,12 +317,16 @@ class DyCoke(Method):
             if isinstance(hook, DynamicPruning) and self.reference:
                 self._carry = hook.previous
 
-    def report(self, hooks: list[AttentionHook], sample: int) -> dict:
+    def report(self, hooks: list[AttentionHook], sample: int, account) -> dict:
         pruning = [h for h in hooks if isinstance(h, DynamicPruning)]
         out = {"retained_ratio_paper": round(self.retained_ratio(), 4)}
         if pruning:
             out["dp_steps"] = pruning[0].steps
             out["dp_reselections"] = pruning[0].reselections
+        if account.visual_full:
+            # visual keys the pruned layers read per decode step, over the stock visual tokens
+            deep = pruning[0].deep_attended(sample, account.visual_positions) if pruning else account.visual_positions
+            out["retained_ratio_measured"] = round(deep / account.visual_full, 4)
         return {"dycoke": out}
 
     def retained_ratio(self) -> float:

@@ -265,7 +265,7 @@ class Adaptive(Method):
             out.append(select_positions(unit, torch.cat(chosen[u]).sort().values))
         return out
 
-    def report(self, hooks, sample: int) -> dict:
+    def report(self, hooks, sample: int, account) -> dict:
         if self.last_plan is None:
             return {}
         plan = self.last_plan

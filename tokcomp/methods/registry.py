@@ -137,9 +137,7 @@ def build_method(
     uses_calib = [n for n in names if issubclass(METHODS[n], DyMU)]
     if calib and not uses_calib:
         raise TokcompError(f"--calib is for dymu/dtome; {name} does not use it")
-    parts = [
-        _build_single(n, per_part[n], model_name, num_layers, calib if n in uses_calib else None) for n in names
-    ]
+    parts = [_build_single(n, per_part[n], model_name, num_layers, calib if n in uses_calib else None) for n in names]
     return Composed(parts=parts)
 
 

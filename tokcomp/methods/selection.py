@@ -71,9 +71,7 @@ def split_budget(total: int, weights: list[float], floors: list[int], caps: list
     remaining = total - sum(floors)
     while remaining > 1e-9 and free:
         weight_sum = sum(max(weights[i], 0.0) for i in free)
-        share = {
-            i: remaining * (max(weights[i], 0.0) / weight_sum if weight_sum > 0 else 1 / len(free)) for i in free
-        }
+        share = {i: remaining * (max(weights[i], 0.0) / weight_sum if weight_sum > 0 else 1 / len(free)) for i in free}
         remaining = 0.0
         still = []
         for i in free:

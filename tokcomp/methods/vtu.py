@@ -49,7 +49,6 @@ class VTUState:
         return self._rope[key]
 
 
-
 def _expand(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     """(B, H, L_un, D) -> (B, H, L_full, D) by copying unique tokens to their positions."""
     index = mapping[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
