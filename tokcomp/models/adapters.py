@@ -224,12 +224,15 @@ class VLMAdapter:
         Merging comes from ``rule`` (attached for this call) or from a method attached to the adapter;
         without either this is the stock encoder.
         """
-        if rule is None and self.merging is not None:
+        if rule is not None:
+            with attach_merging(self.vision_model, rule, protected=self.protected, token_order=token_order) as st:
+                out = self.vision_model(pixel_values, output_hidden_states=True)
+            snapshots = st.snapshots
+        else:
             out = self.vision_model(pixel_values, output_hidden_states=True)
-            return self._split(out.hidden_states[self.feature_layer], self.merging.snapshots, project)
-        if rule is None:
-            out = self.vision_model(pixel_values, output_hidden_states=True)
-            hidden = out.hidden_states[self.feature_layer]
+            snapshots = self.merging.snapshots if self.merging is not None else None
+        hidden = out.hidden_states[self.feature_layer]
+        if snapshots is None:  # the stock encoder: every token stands for itself
             bsz, n, _ = hidden.shape
             device = hidden.device
             snap = LayerSnapshot(
@@ -238,11 +241,6 @@ class VLMAdapter:
                 source=torch.arange(n, device=device).expand(bsz, n),
             )
             snapshots = [snap] * (self.num_layers + 1)
-        else:
-            with attach_merging(self.vision_model, rule, protected=self.protected, token_order=token_order) as st:
-                out = self.vision_model(pixel_values, output_hidden_states=True)
-            hidden = out.hidden_states[self.feature_layer]
-            snapshots = st.snapshots
         return self._split(hidden, snapshots, project)
 
     def _split(self, hidden: torch.Tensor, snapshots: list[LayerSnapshot], project: bool) -> list[EncodedImage]:
