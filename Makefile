@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # removed again: transformers then uses its PIL image processors, and tokcomp decodes video itself.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint demo calibrations clean-venv
+.PHONY: install test lint demo calibrations benchmarks baselines regress readme-results clean-venv
 
 install: $(STAMP)
 
@@ -24,20 +24,83 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/ruff check tokcomp tests
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory regress
 
 lint: install
 	$(BIN)/ruff check tokcomp tests
 
+# The main job: calibrate tokcomp-tiny, evaluate the plain model and the main methods on the four
+# built-in suites, print the report and draw accuracy against visual tokens (results/demo/).
+TOKCOMP := $(BIN)/tokcomp
+DEMO := results/demo
+DEMO_LIMIT ?= 40
+DEMO_RUNS := none:tc_suites dymu-low:tc_suites dymu-mid:tc_suites dymu-high:tc_suites adaptive-20:tc_suites \
+  dycoke:tc_motion
+# method:tasks, one run each; $(1) runs, $(2) output folder, $(3) documents per task.
+define eval_runs
+	for run in $(1); do method=$${run%%:*}; tasks=$${run#*:}; \
+	  $(TOKCOMP) eval --model tokcomp-tiny --method $$method --task $$tasks --limit $(3) --out $(2)/$$method \
+	    || exit 1; done
+endef
+
 demo: install
-	$(BIN)/tokcomp calibrate --model tiny-llava --budget mid --data builtin:skimage --out results/demo/tiny-llava-mid.yaml
-	$(BIN)/tokcomp inspect builtin:skimage/coffee --model tiny-llava --calib results/demo/tiny-llava-mid.yaml --out results/demo/coffee-merges.png
-	$(BIN)/tokcomp inspect builtin:skimage/gravel --model tiny-llava --calib results/demo/tiny-llava-mid.yaml --out results/demo/gravel-merges.png
+	$(TOKCOMP) calibrate --model tokcomp-tiny --budget mid --data builtin:tasks --out $(DEMO)/tokcomp-tiny-mid.yaml
+	$(TOKCOMP) inspect builtin:tasks/1 --model tokcomp-tiny --calib $(DEMO)/tokcomp-tiny-mid.yaml \
+	  --out $(DEMO)/merges.png
+	$(call eval_runs,$(DEMO_RUNS),$(DEMO)/runs,$(DEMO_LIMIT))
+	$(TOKCOMP) report $(DEMO)/runs/*/ --plot $(DEMO)/accuracy-vs-tokens.png
+
+# Stored baselines of tokcomp-tiny (results/baselines/) and the CI gate that re-runs a subset of them
+# on the same documents and fails on a regression (tolerances: configs/regress-tolerances.yaml).
+BASELINES := results/baselines/tokcomp-tiny
+GATE_LIMIT := 40
+BASELINE_RUNS := $(DEMO_RUNS) dtome-mid:tc_suites tome-mid:tc_suites fastv:tc_suites random-25:tc_suites \
+  divprune-25:tc_suites
+GATE_RUNS := none:tc_suites dymu-mid:tc_suites adaptive-20:tc_suites dycoke:tc_motion
+
+baselines: install
+	rm -rf $(BASELINES)
+	$(call eval_runs,$(BASELINE_RUNS),$(BASELINES),$(GATE_LIMIT))
+
+regress: install
+	rm -rf results/ci
+	$(call eval_runs,$(GATE_RUNS),results/ci,$(GATE_LIMIT))
+	status=0; for run in $(GATE_RUNS); do method=$${run%%:*}; \
+	  $(TOKCOMP) regress --baseline $(BASELINES)/$$method --current results/ci/$$method || status=1; done; \
+	  exit $$status
+
+# The README's results table and plot: `tokcomp report` over the stored baselines.
+readme-results: install
+	$(TOKCOMP) report $(BASELINES)/*/ --format md --out $(BASELINES)/report.md \
+	  --plot $(BASELINES)/accuracy-vs-tokens.png
+	$(BIN)/python -m tokcomp.readme_block README.md results-table $(BASELINES)/report.md
 
 # The stored calibrations in calib/ (used by later commands when only a budget is given).
 calibrations: install
 	for model in tiny-llava tiny-llava-ov; do for budget in low mid high; do \
 	  $(BIN)/tokcomp calibrate --model $$model --budget $$budget --data builtin:skimage --batch-size 8 \
 	    --out calib/$$model/$$budget.yaml || exit 1; done; done
+	for budget in low mid high; do \
+	  $(BIN)/tokcomp calibrate --model tokcomp-tiny --budget $$budget --data builtin:tasks --batch-size 16 \
+	    --out calib/tokcomp-tiny/$$budget.yaml || exit 1; done
+
+# BENCHMARKS.md: the target cases of tokcomp/benchmarks_md.py (each JSON's name is its case) on the
+# real-shape presets (random weights), then the Markdown from the JSON reports. CPU-sized: the LLMs run
+# 2-4 decoder layers and DyCoke's video (which acts after the encoder) 1 SigLIP layer; whole-model
+# numbers are extrapolated and labelled. About 11-16 minutes on 2 cores (estimated from the FLOPs).
+BENCH_DIR := results/bench
+BENCH := $(BIN)/tokcomp bench --max-new-tokens 8 --warmup 1
+BENCH_CASES := dymu-low dycoke dycoke-evict adaptive-20
+benchmarks: install
+	$(BENCH) --model llava-1.5-7b-shape --llm-layers 2 --method dymu-low --input image --repeat 3 \
+	  --out $(BENCH_DIR)/dymu-low.json
+	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 4 --vision-layers 1 --method dycoke --input video:32 \
+	  --repeat 2 --out $(BENCH_DIR)/dycoke.json
+	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 4 --vision-layers 1 --method dycoke-evict --input video:32 \
+	  --repeat 2 --out $(BENCH_DIR)/dycoke-evict.json
+	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 2 --vision-layers 4 --method adaptive-20 --input images:4 \
+	  --repeat 3 --out $(BENCH_DIR)/adaptive-20.json
+	$(BIN)/tokcomp bench-md $(BENCH_CASES:%=$(BENCH_DIR)/%.json) --out BENCHMARKS.md
 
 clean-venv:
 	rm -rf $(VENV)

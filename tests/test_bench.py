@@ -42,6 +42,36 @@ def test_bench_on_video_with_dycoke_evict(tmp_path, capsys):
     assert metrics["kv_cache_bytes"]["ratio"] < 1
 
 
+def test_vision_layers_run_fewer_encoder_layers_and_extrapolate(tmp_path, capsys):
+    out = tmp_path / "shape.json"
+    argv = ["bench", "--model", "llava-ov-0.5b-shape", "--llm-layers", "2", "--vision-layers", "1",
+            "--method", "dycoke-evict", "--set", "L=1", "--input", "video:2", "--repeat", "1", "--warmup", "0",
+            "--max-new-tokens", "3", "--no-memory", "--out", str(out)]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert (report["vision_layers_run"], report["vision_layers_real"]) == (1, 26)
+    assert (report["llm_layers_run"], report["llm_layers_real"]) == (2, 24)
+    assert "--vision-layers 1" in report["command"]
+    assert {"cpu", "logical_cpus", "torch_threads", "torch"} <= set(report["machine_info"])
+    metrics = report["metrics"]
+    assert metrics["vision_ms"]["note"] == "measured with 1 of 26 encoder layers"
+    for key in ("vision_whole_model_ms", "ttft_whole_model_ms", "prefill_whole_model_ms", "kv_cache_bytes_whole_model"):
+        assert metrics[key]["note"].startswith("extrapolated"), key
+    assert metrics["vision_whole_model_ms"]["full"] == pytest.approx(26 * metrics["vision_ms"]["full"], rel=1e-3)
+    kv, whole = metrics["kv_cache_bytes"], metrics["kv_cache_bytes_whole_model"]
+    assert whole["full"] == 12 * kv["full"]  # the plain model's layers all hold the same
+    assert whole["method"] < 12 * kv["method"]  # evicted from layer L=1 on: the layers not run are taken as layer 1
+    assert "26 encoder" in metrics["flops_vision"]["note"]
+
+
+def test_layer_options_are_for_real_shapes_only(capsys):
+    code, _, err = _run(["bench", "--model", "tiny-llava", "--method", "none", "--vision-layers", "2"], capsys)
+    assert code == 2 and "real-shape presets only" in err
+    code, _, err = _run(["bench", "--model", "llava-1.5-7b-shape", "--method", "none", "--vision-layers", "1"], capsys)
+    assert code == 2 and "at least 2" in err  # LLaVA-1.5 reads the second-to-last encoder layer
+
+
 def test_real_shapes_have_the_released_layer_sizes():
     adapter = load_vlm("llava-ov-0.5b-shape", llm_layers=1)
     assert adapter.num_patches == 27 * 27 and adapter.num_layers == 26

@@ -55,12 +55,25 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         ("/no/such/folder", "does not exist"),
         ("builtin:skimage/unicorn", "unknown built-in image"),
         ("builtin:imagenet", "unknown built-in source"),
+        ("builtin:tasks/zero", "positive number"),
         ("hf:nobody/no-such-dataset-here", "cannot load dataset"),
     ],
 )
 def test_bad_sources_raise_one_clear_error(spec, message):
     with pytest.raises(TokcompError, match=message):
         open_image_source(spec)
+
+
+def test_builtin_task_pictures_are_a_stream_of_their_own():
+    from tokcomp.tiny.tasks import make_item
+
+    items = open_image_source("builtin:tasks/8")
+    assert len(items) == 8 and len(open_image_source("builtin:tasks")) == 96
+    pictures = [item.load() for item in items]
+    assert all(p.size == (112, 112) for p in pictures)
+    assert np.array_equal(np.asarray(pictures[0]), np.asarray(items[0].load()))  # deterministic
+    train = make_item("tc_shapes", "train", 0).images[0]
+    assert not np.array_equal(np.asarray(pictures[0]), np.asarray(train))
 
 
 def test_empty_folder_and_corrupt_image(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tokcomp.data.video import load_video
+from tokcomp.errors import TokcompError
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm, ttm_keep_counts, ttm_references, ttm_select
 from tokcomp.methods.registry import build_method
 from tokcomp.models.visual import identity_tokens
@@ -181,8 +182,7 @@ def test_dymu_and_dycoke_compose(llava_ov, bikes):
     assert build_method("dymu+dycoke", "tiny-llava-ov", 6, sets={"budget": "mid", "dycoke.K": "0.5"}).parts[1].K == 0.5
 
 
-def test_images_are_untouched_by_dycoke(llava_ov):
+def test_dycoke_on_images_alone_is_a_clear_error(llava_ov):
     image = Image.fromarray(np.full((64, 64, 3), 100, dtype=np.uint8))
-    plain = Pipeline(llava_ov).generate([Request("what ?", [image])], 2)[0]
-    dycoke = Pipeline(llava_ov, _dycoke(llava_ov, P=0)).generate([Request("what ?", [image])], 2)[0]
-    assert dycoke.token_ids == plain.token_ids and dycoke.account.visual_kept == plain.account.visual_kept
+    with pytest.raises(TokcompError, match="works on video input; this request has only image"):
+        Pipeline(llava_ov, _dycoke(llava_ov, P=0)).generate([Request("what ?", [image])], 2)

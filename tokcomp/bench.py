@@ -6,13 +6,15 @@ of: preprocessing, vision encoder, time to first token, LLM prefill (also per de
 extrapolated to the real layer count for the real-shape presets, labelled as such), decode time per
 token, the methods' own work, peak memory (CUDA peak on a GPU; on a CPU the peak RSS of a fresh
 process while it runs one request, with the kernel's peak mark reset after loading), KV-cache bytes,
-analytic FLOPs of prefill and decode, and visual tokens.
+analytic FLOPs of prefill and decode, and visual tokens. Real shapes run with fewer encoder layers
+(``vision_layers``) get their vision time extrapolated the same labelled way.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -30,6 +32,7 @@ from tokcomp.pipeline import Generation, Pipeline, Request
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "text", "page", "brick"]
 TIMED = ["preprocess", "vision", "select", "prefill", "ttft", "decode_per_token", "method_overhead"]
+PER_ENCODER = ("vision", "ttft", "method_overhead")  # timings that change with the number of encoder layers run
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,14 @@ def _flop_counts(adapter, result: Generation, new_tokens: int) -> dict[str, floa
     shape = adapter.shape
     layers = shape.real_llm_layers if shape else text.num_hidden_layers
     vocab = shape.real_vocab if shape else text.vocab_size
+    vision_layers = shape.real_vision_layers if shape else adapter.num_layers
     acc = result.account
     units = acc.per_image
     vision_total = 0.0
     for unit in units:
         views = unit["views"]
         counts = [c + views * adapter.protected for c in unit["per_layer"]]
+        counts += counts[-1:] * (vision_layers - len(counts))  # encoder layers not run: as the last one run
         start = views * (adapter.num_patches + adapter.protected)
         vision_total += flops.vision_flops(counts, start, vision.hidden_size, vision.intermediate_size)
     tokens, attended = acc.prompt_tokens_kept, acc.prompt_tokens_kept + (acc.visual_positions - acc.visual_kept)
@@ -120,13 +125,15 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_child(model: str, method_spec: dict, input_spec: str, llm_layers, new_tokens: int, queue) -> None:
+def _peak_child(
+    model: str, method_spec: dict, input_spec: str, layers: tuple[int | None, int | None], new_tokens: int, queue
+) -> None:
     """Runs in a fresh process: load, reset the peak-RSS mark, run one request, report the peak."""
     from tokcomp.methods.registry import build_method
     from tokcomp.models.loading import load_vlm
 
     torch.set_num_threads(1)
-    adapter = load_vlm(model, llm_layers=llm_layers)
+    adapter = load_vlm(model, llm_layers=layers[0], vision_layers=layers[1])
     method = build_method(method_spec["spec"], model, adapter.num_layers, method_spec["calib"], method_spec["sets"])
     request = make_request(parse_input(input_spec), "describe what you see .")
     before = _status_bytes("VmRSS")
@@ -138,21 +145,39 @@ def _peak_child(model: str, method_spec: dict, input_spec: str, llm_layers, new_
     queue.put({"peak": int(peak), "before": int(before)})
 
 
-def cpu_peaks(model: str, method_args: dict, input_spec: str, llm_layers, new_tokens: int) -> dict[str, dict]:
+def cpu_peaks(
+    model: str, method_args: dict, input_spec: str, llm_layers, new_tokens: int, vision_layers: int | None = None
+) -> dict[str, dict]:
     """Peak RSS while one request runs, in fresh (spawned) processes for the plain model and the method."""
     context = multiprocessing.get_context("spawn")
     out = {}
     variants = {"full": {"spec": "none", "calib": None, "sets": {}}, "method": method_args}
+    layers = (llm_layers, vision_layers)
     for name, spec in variants.items():
         queue = context.Queue()
-        process = context.Process(target=_peak_child, args=(model, spec, input_spec, llm_layers, new_tokens, queue))
+        process = context.Process(target=_peak_child, args=(model, spec, input_spec, layers, new_tokens, queue))
         process.start()
-        result = queue.get()
+        result = _wait_for(queue, process)
         process.join()
-        if process.exitcode != 0:
+        if result is None or process.exitcode != 0:
             raise TokcompError(f"the memory measurement process for '{name}' failed (exit {process.exitcode})")
         out[name] = result
     return out
+
+
+def _wait_for(queue, process) -> dict | None:
+    """The child's result, or None when it died without one (killed for memory, ...) instead of hanging."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queues.Empty:
+            if not process.is_alive():
+                try:  # it may have put its result just before exiting
+                    return queue.get(timeout=1.0)
+                except queues.Empty:
+                    return None
 
 
 def run_bench(
@@ -198,6 +223,8 @@ def run_bench(
     text = adapter.language_model.config
     used_layers = text.num_hidden_layers
     real_layers = adapter.shape.real_llm_layers if adapter.shape else used_layers
+    used_vision = adapter.num_layers
+    real_vision = adapter.shape.real_vision_layers if adapter.shape else used_vision
     metrics: dict[str, dict] = {}
 
     def add(name: str, full: float, method_value: float, unit: str, note: str = "") -> None:
@@ -206,29 +233,33 @@ def run_bench(
         if note:
             metrics[name]["note"] = note
 
+    def med(variant: str, key: str) -> float:
+        return _median(samples[variant][key])
+
+    truncated_vision = used_vision != real_vision
+    partial = f"measured with {used_vision} of {real_vision} encoder layers" if truncated_vision else ""
     for key in TIMED:
-        add(f"{key}_ms", _median(samples["full"][key]), _median(samples["method"][key]), "ms")
-    add("prefill_per_layer_ms", _median(samples["full"]["prefill"]) / used_layers,
-        _median(samples["method"]["prefill"]) / used_layers, "ms", "measured prefill / decoder layers run")  # fmt: skip
-    if adapter.shape and used_layers != real_layers:
-        scale = real_layers / used_layers
-        add("prefill_whole_model_ms", _median(samples["full"]["prefill"]) * scale,
-            _median(samples["method"]["prefill"]) * scale, "ms",
-            f"extrapolated: measured per-layer time x {real_layers} layers")  # fmt: skip
-        ttft = [_median(samples[v]["ttft"]) - _median(samples[v]["prefill"]) * (1 - scale) for v in ("full", "method")]
-        add("ttft_whole_model_ms", ttft[0], ttft[1], "ms", "extrapolated from the per-layer prefill time")
-        add("decode_per_token_whole_model_ms", _median(samples["full"]["decode_per_token"]) * scale,
-            _median(samples["method"]["decode_per_token"]) * scale, "ms", "extrapolated")  # fmt: skip
+        add(f"{key}_ms", med("full", key), med("method", key), "ms", partial if key in PER_ENCODER else "")
+    add("prefill_per_layer_ms", med("full", "prefill") / used_layers,
+        med("method", "prefill") / used_layers, "ms", "measured prefill / decoder layers run")  # fmt: skip
+    _add_extrapolations(add, med, (used_layers, real_layers), (used_vision, real_vision))
     full_acc, method_acc = last["full"].account, last["method"].account
     add("visual_tokens", full_acc.visual_full, method_acc.visual_kept, "tokens", "method: distinct tokens into prefill")
     add("visual_positions", full_acc.visual_positions, method_acc.visual_positions, "positions")
     add("decode_visual_attended", full_acc.decode_visual_attended, method_acc.decode_visual_attended, "keys/layer/step")
     add("kv_cache_bytes", full_acc.kv_bytes, method_acc.kv_bytes, "bytes",
         "measured" + ("" if used_layers == real_layers else f" on {used_layers} of {real_layers} layers"))  # fmt: skip
+    if used_layers != real_layers:
+        kv_note = f"extrapolated: layers {used_layers}-{real_layers - 1} hold what layer {used_layers - 1} holds"
+        add("kv_cache_bytes_whole_model", _whole_model_kv(full_acc, real_layers),
+            _whole_model_kv(method_acc, real_layers), "bytes", kv_note)  # fmt: skip
     full_flops = _flop_counts(adapter, last["full"], new_tokens)
     method_flops = _flop_counts(adapter, last["method"], new_tokens)
+    flops_note = f"analytic, {real_vision} encoder and {real_layers} LLM layers"
+    if truncated_vision:
+        flops_note += f" (layers past {used_vision} with the tokens of layer {used_vision})"
     for key in full_flops:
-        add(f"flops_{key}", full_flops[key], method_flops[key], "FLOPs", f"analytic, {real_layers} LLM layers")
+        add(f"flops_{key}", full_flops[key], method_flops[key], "FLOPs", flops_note)
     if device.type == "cuda":
         add("peak_memory_bytes", _median(gpu_peaks["full"]), _median(gpu_peaks["method"]), "bytes",
             "CUDA peak above the memory held before the request")  # fmt: skip
@@ -242,9 +273,12 @@ def run_bench(
         "tool": f"tokcomp {__version__}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(device),
+        "machine_info": machine_info(device),
         "model": adapter.name,
         "llm_layers_run": used_layers,
         "llm_layers_real": real_layers,
+        "vision_layers_run": used_vision,
+        "vision_layers_real": real_vision,
         "method": method.settings(),
         "input": spec.label,
         "repeat": repeat,
@@ -254,10 +288,69 @@ def run_bench(
     }
 
 
+def _add_extrapolations(add, med, llm: tuple[int, int], vision: tuple[int, int]) -> None:
+    """Whole-model times from the per-layer ones, for real shapes run with fewer (used, real) layers."""
+    scale, vision_scale = llm[1] / llm[0], vision[1] / vision[0]
+    if vision[0] != vision[1]:
+        add("vision_per_layer_ms", med("full", "vision") / vision[0], med("method", "vision") / vision[0], "ms",
+            "measured vision time / encoder layers run")  # fmt: skip
+        add("vision_whole_model_ms", med("full", "vision") * vision_scale, med("method", "vision") * vision_scale,
+            "ms", f"extrapolated: measured per-layer time x {vision[1]} encoder layers")  # fmt: skip
+    if llm[0] != llm[1]:
+        add("prefill_whole_model_ms", med("full", "prefill") * scale, med("method", "prefill") * scale, "ms",
+            f"extrapolated: measured per-layer time x {llm[1]} layers")  # fmt: skip
+    if scale != 1 or vision_scale != 1:
+        ttft = [med(v, "ttft") + med(v, "prefill") * (scale - 1) + med(v, "vision") * (vision_scale - 1)
+                for v in ("full", "method")]  # fmt: skip
+        parts = "prefill" + (" and vision" if vision_scale != 1 else "")
+        add("ttft_whole_model_ms", ttft[0], ttft[1], "ms", f"extrapolated from the per-layer {parts} time")
+    if llm[0] != llm[1]:
+        add("decode_per_token_whole_model_ms", med("full", "decode_per_token") * scale,
+            med("method", "decode_per_token") * scale, "ms", "extrapolated")  # fmt: skip
+
+
+def _whole_model_kv(account, real_layers: int) -> float:
+    """KV bytes for all ``real_layers``: the layers not run are taken to hold what the last one run holds."""
+    per_layer = account.kv_bytes_per_layer
+    if not per_layer:
+        return float(account.kv_bytes)
+    return float(sum(per_layer) + (real_layers - len(per_layer)) * per_layer[-1])
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on: CPU, cores, torch threads, versions, GPU if any."""
+    import transformers
+
+    info = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_report(report: dict, path: str | Path) -> Path:

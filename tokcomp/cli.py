@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -284,6 +286,9 @@ def bench(
     warmup: int = typer.Option(1, "--warmup", help="Warm-up repetitions, not measured."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens generated per run."),
     llm_layers: int = typer.Option(None, "--llm-layers", help="Real shapes: keep only N decoder layers."),
+    vision_layers: int = typer.Option(
+        None, "--vision-layers", help="Real shapes: keep only N encoder layers (vision time is extrapolated)."
+    ),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="CPU: measure peak RSS in fresh processes."),
     out_path: Path = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
 ) -> None:
@@ -297,17 +302,22 @@ def bench(
     if out_path is not None:
         ensure_writable(out_path)
     sets = parse_sets(settings)
-    adapter = load_vlm(model, llm_layers=llm_layers)
+    adapter = load_vlm(model, llm_layers=llm_layers, vision_layers=vision_layers)
     chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
     chosen.check(adapter)
     method_args = {"spec": method, "calib": str(calib) if calib else None, "sets": sets}
-    measure_memory = (lambda: cpu_peaks(model, method_args, input_spec, llm_layers, max_new_tokens)) if memory else None
+    measure_memory = (
+        (lambda: cpu_peaks(model, method_args, input_spec, llm_layers, max_new_tokens, vision_layers))
+        if memory
+        else None
+    )
     with _progress() as progress:
         task = progress.add_task("benchmarking", total=warmup + repeat)
         report = run_bench(
             adapter, chosen, input_spec, repeat, warmup, max_new_tokens, measure_memory,
             on_step=lambda done, total: progress.update(task, completed=done),
         )  # fmt: skip
+    report["command"] = shlex.join(["tokcomp", *sys.argv[1:]])
     table = Table(title=f"{model} · {report['method']['method']} · {report['input']} · {report['machine']}")
     for column in ("metric", "full", "method", "ratio", "note"):
         table.add_column(column, justify="left" if column in ("metric", "note") else "right")
@@ -318,6 +328,143 @@ def bench(
     if out_path is not None:
         write_report(report, out_path)
         out.print(f"wrote {out_path}")
+
+
+@app.command("bench-md")
+@user_errors
+def bench_md(
+    reports: list[Path] = typer.Argument(None, help="JSON reports of `tokcomp bench`; each file's name is its case."),
+    out_path: Path = typer.Option(None, "--out", "-o", help="Write the Markdown here (atomically), not to stdout."),
+) -> None:
+    """Write BENCHMARKS.md from `tokcomp bench` reports: machine, commands, medians, ratios, targets met."""
+    from tokcomp.benchmarks_md import write_benchmarks
+    from tokcomp.io import ensure_writable
+
+    if not reports:
+        raise TokcompError("no reports given: pass the JSON files `tokcomp bench --out` wrote")
+    if out_path is not None:
+        ensure_writable(out_path)
+    text = write_benchmarks(reports, out_path)
+    if out_path is None:
+        sys.stdout.write(text)
+    else:
+        console.print(f"wrote {out_path}")
+
+
+EVAL_TASK_HELP = (
+    "Task(s), comma-separated: tc_shapes, tc_text, tc_multi, tc_motion, tc_suites (all four), "
+    "textvqa_val, mvbench, videomme or any other lmms-eval task."
+)
+DATA_FILES_HELP = (
+    "Local documents for the task in its own schema: a parquet/json/jsonl/csv file, a save_to_disk folder, "
+    "or for a group a folder of <subtask>.<ext> files."
+)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    task: str = typer.Option(..., "--task", "-t", help=EVAL_TASK_HELP),
+    model: str = typer.Option("tokcomp-tiny", "--model", "-m", help="Preset name or checkpoint path."),
+    method: str = typer.Option("none", "--method", help="A method or a preset in configs/ (dymu-mid, dycoke, ...)."),
+    calib: Path = typer.Option(None, "--calib", "-c", help="Calibration YAML (dymu, dtome)."),
+    settings: list[str] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
+    limit: int = typer.Option(None, "--limit", help="Documents per task (default: all)."),
+    out_dir: Path = typer.Option(None, "--out", help="Output folder (default results/eval/<model>/<method>)."),
+    data_files: Path = typer.Option(None, "--data-files", help=DATA_FILES_HELP),
+    batch_size: int = typer.Option(1, "--batch-size", help="Requests per forward (timings are shared in a batch)."),
+    frames: int = typer.Option(16, "--frames", help="Frames sampled from each video file."),
+) -> None:
+    """Evaluate a model with a method on lmms-eval tasks; write results.json and samples.jsonl."""
+    from tokcomp.eval.runner import EvalRequest, run_eval
+    from tokcomp.methods.registry import parse_sets
+
+    names = [t.strip() for t in task.split(",") if t.strip()]
+    if not names:
+        raise TokcompError("--task names no task")
+    if batch_size < 1 or frames < 1:
+        raise TokcompError("--batch-size and --frames must be at least 1")
+    safe_model = Path(model).name if Path(model).exists() else model
+    out_dir = out_dir or Path("results/eval") / safe_model / method.replace("/", "_")
+    request = EvalRequest(
+        tasks=names, model=model, method=method, calib=str(calib) if calib else None, settings=parse_sets(settings),
+        limit=limit, data_files=data_files, batch_size=batch_size, frames=frames,
+    )  # fmt: skip
+    results = run_eval(request, out_dir, log=lambda m: console.print(m))
+    table = Table(title=f"{model} · {method}")
+    for column in ("task", "metric", "score", "visual tokens (mean / full)", "TTFT ms"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for name, entry in results["tasks"].items():
+        tokens = entry.get("visual_tokens", {})
+        share = f"{tokens['mean']:.1f} / {tokens['full']:.1f}" if tokens else "—"
+        score = f"{100 * entry['score']:.1f}%" if entry["score"] is not None else "—"
+        ttft = f"{entry['timings']['ttft_ms']:.1f}" if "timings" in entry else "—"
+        table.add_row(name, str(entry["metric"]), score, share, ttft)
+    out.print(table)
+    console.print(f"wrote {out_dir / 'results.json'} and {out_dir / 'samples.jsonl'}")
+
+
+def _wide_out() -> Console:
+    """Stdout for wide tables: the terminal's width, or up to 200 columns when piped (CI logs, files)."""
+    return out if out.is_terminal else Console(width=200, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def report(
+    results: list[Path] = typer.Argument(None, help="Run folders of `tokcomp eval` (or their results.json)."),
+    fmt: str = typer.Option(None, "--format", "-f", help="table | md | csv | html (default: from --out, or table)."),
+    plot: Path = typer.Option(None, "--plot", help="Also draw accuracy vs. visual tokens into this PNG."),
+    out_path: Path = typer.Option(None, "--out", "-o", help="Write the md / csv / html report here, not to stdout."),
+) -> None:
+    """Runs side by side: accuracy, visual tokens and speed against the uncompressed run of each task."""
+    from tokcomp.io import atomic_write_text, ensure_writable
+    from tokcomp.report import build_table, mismatched_samples, render, resolve_format, rich_table, save_plot
+    from tokcomp.runs import load_run
+
+    if not results:
+        raise TokcompError("no results given: pass one or more `tokcomp eval` output folders")
+    chosen = resolve_format(fmt, out_path)
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            raise TokcompError(f"--plot must be a .png file, got {plot}")
+        ensure_writable(plot)
+    if out_path is not None:
+        ensure_writable(out_path)
+    table = build_table([load_run(path) for path in results])
+    for note in mismatched_samples(table):
+        console.print(f"[yellow]warning: {escape(note)}[/]", soft_wrap=True)
+    # Status lines go to stderr whenever stdout carries the document itself.
+    status = console if chosen != "table" and out_path is None else out
+    if chosen == "table":
+        _wide_out().print(rich_table(table))
+    elif out_path is None:
+        sys.stdout.write(render(table, chosen))
+        sys.stdout.flush()
+    else:
+        atomic_write_text(out_path, render(table, chosen))
+        status.print(f"wrote {out_path}")
+    if plot is not None:
+        save_plot(table, plot)
+        status.print(f"wrote {plot}")
+
+
+@app.command()
+@user_errors
+def regress(
+    baseline: Path = typer.Option(..., "--baseline", help="The reference `tokcomp eval` run folder."),
+    current: Path = typer.Option(..., "--current", help="The run folder to check against it."),
+    tolerances: Path = typer.Option(
+        None, "--tolerances", help="Tolerance YAML (default: configs/regress-tolerances.yaml)."
+    ),
+) -> None:
+    """Fail (exit 1) when a run lost accuracy, gained visual tokens or flipped samples against a baseline."""
+    from tokcomp.regress import print_comparison
+    from tokcomp.regress import regress as compare
+
+    comparison = compare(baseline, current, tolerances)
+    print_comparison(comparison, _wide_out())
+    raise typer.Exit(0 if comparison.passed else 1)
 
 
 _FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

@@ -58,6 +58,7 @@ class Account:
     prompt_tokens_full: int
     prompt_tokens_kept: int
     kv_bytes: int = 0  # this request's KV cache at the end of generation
+    kv_bytes_per_layer: list[int] = field(default_factory=list)  # the same, per decoder layer
     decode_visual_attended: float = 0.0  # visual keys attended per layer and decode step (mean)
     methods: dict = field(default_factory=dict)  # method-specific numbers (DyCoke's retained ratio, ...)
 
@@ -290,11 +291,22 @@ class Pipeline:
             raise TokcompError(f"method '{attached.name}' is attached; detach it before using '{self.method.name}'")
         return self._generate(requests, max_new_tokens)
 
+    def _check_inputs(self, kinds: list[list[str]]) -> None:
+        """A method that acts on none of a request's inputs (DyCoke on images) is a user error."""
+        label = getattr(self.method, "label", self.method.name)
+        for request_kinds in kinds:
+            if request_kinds and not set(request_kinds) & self.method.inputs:
+                raise TokcompError(
+                    f"method '{label}' works on {' and '.join(sorted(self.method.inputs))} input; "
+                    f"this request has only {' and '.join(sorted(set(request_kinds)))}"
+                )
+
     def _generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[Generation]:
         dev = self.device
         _sync(dev)
         t0 = time.perf_counter()
         kinds = [["image"] * len(r.images) + (["video"] if r.video else []) for r in requests]
+        self._check_inputs(kinds)
         units = self.prepare(requests)
         t_pre = time.perf_counter()
         merge_before = self.adapter.merging.seconds if self.adapter.merging is not None else 0.0
@@ -322,7 +334,8 @@ class Pipeline:
                     break
                 ids.append(token)
             answer = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            s.account.kv_bytes = int(run.kv_bytes[b])
+            s.account.kv_bytes_per_layer = run.kv_layers[b]
+            s.account.kv_bytes = sum(run.kv_layers[b])
             s.account.decode_visual_attended = run.attended[b]
             s.account.methods = self.method.report(self.last_hooks, b, s.account)
             results.append(Generation(answer, ids, s.account))
@@ -414,7 +427,7 @@ class Pipeline:
         self.method.finish(hooks)
         self.last_cache, self.last_hooks = cache, hooks
         attended = _decode_attended(hooks, visual)
-        return _RunResult(steps, prefill_logits, prefill_s, _kv_bytes_per_sample(cache, attention_mask.bool(), hooks),
+        return _RunResult(steps, prefill_logits, prefill_s, _kv_bytes_per_layer(cache, attention_mask.bool(), hooks),
                           attended)  # fmt: skip
 
 
@@ -423,13 +436,13 @@ class _RunResult:
     steps: list[list[int]]
     prefill_logits: torch.Tensor
     prefill_s: float
-    kv_bytes: list[int]
+    kv_layers: list[list[int]]  # per request, KV bytes of each decoder layer
     attended: list[float]
 
 
-def _kv_bytes_per_sample(cache: DynamicCache, valid: torch.Tensor, hooks: list) -> list[int]:
-    """Bytes of K and V each request holds in the cache (padding and evicted slots not counted)."""
-    totals = [0] * valid.shape[0]
+def _kv_bytes_per_layer(cache: DynamicCache, valid: torch.Tensor, hooks: list) -> list[list[int]]:
+    """Bytes of K and V each request holds in each layer's cache (padding and evicted slots not counted)."""
+    totals = [[0] * len(cache.layers) for _ in range(valid.shape[0])]
     for index, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
         if keys is None or keys.numel() == 0:
@@ -441,7 +454,7 @@ def _kv_bytes_per_sample(cache: DynamicCache, valid: torch.Tensor, hooks: list) 
             if layer_valid is not None and (override := layer_valid(index, keys.shape[-2])) is not None:
                 columns = override
         for b, count in enumerate(columns.sum(dim=1).tolist()):
-            totals[b] += int(count) * per_column
+            totals[b][index] = int(count) * per_column
     return totals
 
 

@@ -3,6 +3,7 @@
 Source strings:
   ``builtin:skimage``           the photographs shipped inside scikit-image's wheel
   ``builtin:skimage/NAME``      one of them (``brick``, ``astronaut``, ...)
+  ``builtin:tasks[/N]``         N pictures (default 96) from tokcomp-tiny's task generators, calibration stream
   ``hf:NAME[:SPLIT[:COLUMN]]``  a Hugging Face dataset from a local folder or the warm cache
   ``PATH``                      an image file, or a folder searched recursively for images
 """
@@ -139,14 +140,39 @@ def _hf_items(spec: str) -> list[ImageItem]:
     return [item(i) for i in range(len(loaded))]
 
 
+TASK_PICTURES = 96
+
+
+def _task_items(count: int) -> list[ImageItem]:
+    """Pictures drawn like the tc_* suites' (scenes, text, single objects, video frames), from a stream of
+    their own: neither the training nor the eval items."""
+    from tokcomp.tiny import TASKS
+    from tokcomp.tiny.tasks import make_item
+
+    def load(task: str, index: int) -> Image.Image:
+        item = make_item(task, "calib", index)
+        return item.video[len(item.video) // 2] if item.video else item.images[0]
+
+    return [
+        ImageItem(f"{TASKS[i % len(TASKS)]}-{i}", lambda t=TASKS[i % len(TASKS)], k=i: load(t, k)) for i in range(count)
+    ]
+
+
 def open_image_source(spec: str) -> list[ImageItem]:
     """List the images of a source string; raises :class:`TokcompError` when there are none."""
     if spec == "builtin:skimage":
         items = [_skimage_item(n) for n in SKIMAGE_NAMES]
     elif spec.startswith("builtin:skimage/"):
         items = [_skimage_item(spec.split("/", 1)[1])]
+    elif spec == "builtin:tasks" or spec.startswith("builtin:tasks/"):
+        count = spec.partition("/")[2] or str(TASK_PICTURES)
+        if not count.isdigit() or int(count) < 1:
+            raise TokcompError(f"builtin:tasks/N takes a positive number of pictures, not '{count}'")
+        items = _task_items(int(count))
     elif spec.startswith("builtin:"):
-        raise TokcompError(f"unknown built-in source '{spec}' (use builtin:skimage or builtin:skimage/NAME)")
+        raise TokcompError(
+            f"unknown built-in source '{spec}' (use builtin:skimage, builtin:skimage/NAME or builtin:tasks[/N])"
+        )
     elif spec.startswith("hf:"):
         items = _hf_items(spec[3:])
     else:

@@ -26,6 +26,8 @@ class Method:
     """
 
     name: ClassVar[str] = "none"
+    # The kinds of visual input the method acts on ("image", "video").
+    inputs: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
     def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
         """Token merging inside the vision encoder, if any."""
@@ -107,6 +109,10 @@ class Composed(Method):
     @property
     def label(self) -> str:
         return "+".join(p.name for p in self.parts)
+
+    @property
+    def inputs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(p.inputs for p in self.parts))
 
     def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
         rules = [r for r in (p.encoder_rule(adapter) for p in self.parts) if r is not None]

@@ -275,6 +275,7 @@ class DyCoke(Method):
     """TTM on video tokens before the LLM, DP while decoding (LLaVA-OneVision video)."""
 
     name: ClassVar[str] = "dycoke"
+    inputs: ClassVar[frozenset[str]] = frozenset({"video"})
     K: float = 0.7
     L: int = 3
     P: float = 0.7

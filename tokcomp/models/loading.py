@@ -44,26 +44,35 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 
 
 def load_vlm(
-    name: str, dtype: str = "float32", attn_implementation: str = "sdpa", llm_layers: int | None = None
+    name: str,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    llm_layers: int | None = None,
+    vision_layers: int | None = None,
 ) -> VLMAdapter:
     """Load a supported VLM with ``from_pretrained``, offline unless TOKCOMP_ALLOW_DOWNLOAD=1.
 
     Real-shape presets (``llava-1.5-7b-shape``, ...) are built in memory with random weights;
-    ``llm_layers`` keeps only that many of their decoder layers.
+    ``llm_layers`` / ``vision_layers`` keep only that many of their decoder / encoder layers.
     """
     if dtype not in DTYPES:
         raise TokcompError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     from tokcomp.models.shapes import SHAPES, build_shape
 
     if name in SHAPES:
-        model, tokenizer, processor = build_shape(name, llm_layers)
+        least = 2 if SHAPES[name].family == "llava" else 1  # LLaVA-1.5 reads the second-to-last layer
+        if vision_layers is not None and vision_layers < least:
+            raise TokcompError(f"--vision-layers must be at least {least} for {name}")
+        if llm_layers is not None and llm_layers < 1:
+            raise TokcompError("--llm-layers must be at least 1")
+        model, tokenizer, processor = build_shape(name, llm_layers, vision_layers=vision_layers)
         model = model.to(DTYPES[dtype])
         model.set_attn_implementation(attn_implementation)
         adapter = ADAPTERS[SHAPES[name].family](model, tokenizer, processor, name)
         adapter.shape = SHAPES[name]
         return adapter
-    if llm_layers is not None:
-        raise TokcompError("--llm-layers applies to the real-shape presets only")
+    if llm_layers is not None or vision_layers is not None:
+        raise TokcompError("--llm-layers and --vision-layers apply to the real-shape presets only")
     path, local = resolve_model_path(name)
     offline = not local and os.environ.get("TOKCOMP_ALLOW_DOWNLOAD") != "1"
     verbosity = hf_logging.get_verbosity()

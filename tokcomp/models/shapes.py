@@ -3,7 +3,8 @@
 Weights are random (seeded) and the vocabulary is tokcomp's small word list (the LM head's cost for
 one token is negligible; the FLOP counts include the real vocabulary analytically). ``llm_layers``
 (default 2) keeps only the first N decoder layers so a CPU can hold and run them; results per layer are exact,
-whole-model numbers are extrapolated and labelled so.
+whole-model numbers are extrapolated and labelled so. ``vision_layers`` (default: all) does the same for the
+vision encoder, for methods that act after it (a 32-frame video through all SigLIP layers takes minutes).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Shape:
         return int(self.text["num_hidden_layers"])
 
     @property
+    def real_vision_layers(self) -> int:
+        return int(self.vision["num_hidden_layers"])
+
+    @property
     def real_vocab(self) -> int:
         return int(self.text["vocab_size"])
 
@@ -70,18 +75,23 @@ SHAPES = {
 DEFAULT_LLM_LAYERS = 2  # a whole 7B decoder does not fit a 24 GB CPU machine in fp32
 
 
-def build_shape(name: str, llm_layers: int | None = None, seed: int = 0):
-    """(model, tokenizer, image_processor) with the real layer sizes and random weights."""
+def build_shape(name: str, llm_layers: int | None = None, seed: int = 0, vision_layers: int | None = None):
+    """(model, tokenizer, image_processor) with the real layer sizes and random weights.
+
+    ``llm_layers`` / ``vision_layers`` keep only the first N decoder / encoder layers (clamped to 1..real)."""
     shape = SHAPES[name]
     tokenizer = build_word_tokenizer(word_vocabulary(), CHAT_TEMPLATE)
     text = {**shape.text, "vocab_size": len(tokenizer), "max_position_embeddings": 32768}
     layers = DEFAULT_LLM_LAYERS if llm_layers is None else llm_layers
     text["num_hidden_layers"] = max(1, min(layers, shape.real_llm_layers))
+    vision = dict(shape.vision)
+    if vision_layers is not None:
+        vision["num_hidden_layers"] = max(1, min(vision_layers, shape.real_vision_layers))
     torch.manual_seed(seed)
-    size = shape.vision["image_size"]
+    size = vision["image_size"]
     if shape.family == "llava":
         config = LlavaConfig(
-            vision_config=CLIPVisionConfig(**shape.vision), text_config=LlamaConfig(**text),
+            vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
             vision_feature_layer=-2, vision_feature_select_strategy="default",
         )  # fmt: skip
         model = LlavaForConditionalGeneration(config)
@@ -92,7 +102,7 @@ def build_shape(name: str, llm_layers: int | None = None, seed: int = 0):
     else:
         pinpoints = [[size * h, size * w] for h, w in ((1, 1), (1, 2), (2, 1), (2, 2))]
         config = LlavaOnevisionConfig(
-            vision_config=SiglipVisionConfig(vision_use_head=False, **shape.vision), text_config=Qwen2Config(**text),
+            vision_config=SiglipVisionConfig(vision_use_head=False, **vision), text_config=Qwen2Config(**text),
             vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
         )  # fmt: skip
         model = LlavaOnevisionForConditionalGeneration(config)

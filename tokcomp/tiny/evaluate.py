@@ -21,7 +21,7 @@ def answer_items(adapter, items: Sequence[Item], batch_size: int = 16, method: M
     answers: list[str] = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        requests = [Request(it.question, list(it.images), list(it.video) if it.video else None) for it in chunk]
+        requests = [Request(it.prompt, list(it.images), list(it.video) if it.video else None) for it in chunk]
         answers += [g.answer for g in pipe.generate(requests, max_new_tokens=MAX_NEW_TOKENS)]
     return answers
 

@@ -16,10 +16,11 @@ from transformers import (
 
 from tokcomp.models.presets import CHAT_TEMPLATE
 from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
-from tokcomp.tiny.tasks import IMAGE_SIZE, vocabulary
+from tokcomp.tiny.tasks import IMAGE_SIZE, LABEL_PATCH, vocabulary
 
-# 112 px, patch 8: 14x14 = 196 patch tokens per image or frame. One AnyRes pinpoint (112x112): a lone
-# image costs its base view plus one crop; video frames are pooled 2x2 to 7x7 = 49 tokens each.
+# 112 px, patch 14: 8x8 = 64 patch tokens per image or frame, each patch about one object or one
+# letter wide. One AnyRes pinpoint (112x112): a lone image costs its base view plus one crop (and a
+# newline per row); video frames are pooled 2x2 to 4x4 = 16 tokens each.
 TINY_SPEC: dict = {
     "vision": {
         "hidden_size": 128,
@@ -27,15 +28,16 @@ TINY_SPEC: dict = {
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "image_size": IMAGE_SIZE,
-        "patch_size": 8,
+        "patch_size": LABEL_PATCH,
     },
     "text": {
         "hidden_size": 160,
         "intermediate_size": 480,
-        "num_hidden_layers": 3,
+        "num_hidden_layers": 4,
         "num_attention_heads": 5,
         "num_key_value_heads": 5,
         "max_position_embeddings": 2048,
+        "rope_theta": 1_000_000.0,  # as Qwen2's: slow rotations leave room to match content far apart
         "tie_word_embeddings": True,
     },
     "pinpoints": [[IMAGE_SIZE, IMAGE_SIZE]],

@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tokcomp.tiny import TASKS
 
 IMAGE_SIZE = 112
+LABEL_PATCH = 14  # tokcomp-tiny's patch size: training labels are given per 14x14 patch
+OBJECT_MIN_COVER = 0.15  # a patch is labelled with an object when the object covers this share of it
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
     "green": (40, 190, 60),
@@ -38,6 +40,8 @@ DIRECTIONS = ("left", "right", "up", "down")
 TEXT_ALPHABET = "ABCDEFGHJKLMNPRSTUVWXYZ"  # no I, O, Q: too close to other glyphs at this size
 BACKGROUNDS = ("flat", "gradient", "noise", "stripes", "checker")
 EVAL_SIZE = 250
+# Bumped whenever what the generators draw changes, so stale eval files are rewritten.
+GENERATOR_VERSION = 2
 
 
 @dataclass
@@ -51,11 +55,22 @@ class Item:
     choices: list[str]
     images: list[Image.Image] = field(default_factory=list)
     video: list[Image.Image] | None = None
+    # Per image or frame, per-patch training labels (see ``PATCH_LABELS``); not part of the eval files.
+    labels: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
 
     @property
     def target(self) -> str:
         """The answer as the model writes it: text answers are spelled one character per word."""
         return " ".join(self.answer) if self.task == "tc_text" else self.answer
+
+    @property
+    def prompt(self) -> str:
+        """What the model is asked: multi-image questions name each image before showing it."""
+        return multi_image_prompt(self.question, len(self.images)) if self.task == "tc_multi" else self.question
+
+
+def multi_image_prompt(question: str, num_images: int) -> str:
+    return " ".join(f"{ORDINALS[k]} <image>" for k in range(num_images)) + f" {question}"
 
 
 @dataclass
@@ -125,11 +140,12 @@ def _turn(point: tuple[float, float], quarters: int) -> tuple[float, float]:
     return x, y
 
 
-def draw_objects(image: Image.Image, objects: Sequence[Obj]) -> Image.Image:
+def draw_objects(image: Image.Image, objects: Sequence[Obj], fills: Sequence | None = None) -> Image.Image:
+    """The objects drawn over ``image`` in their colours (or in ``fills``, one per object)."""
     out = image.copy()
     draw = ImageDraw.Draw(out)
-    for o in objects:
-        fill = COLORS[o.color]
+    for k, o in enumerate(objects):
+        fill = COLORS[o.color] if fills is None else fills[k]
         if o.shape == "circle":
             draw.ellipse([o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r], fill=fill)
         else:
@@ -137,27 +153,85 @@ def draw_objects(image: Image.Image, objects: Sequence[Obj]) -> Image.Image:
     return out
 
 
-def place(rng: random.Random, radii: Sequence[float], size: int = IMAGE_SIZE, gap: float = 3.0) -> list[tuple]:
-    """Non-overlapping centres for circles of the given radii (restarts until all fit)."""
-    while True:
-        centres: list[tuple[float, float, float]] = []
-        for r in radii:
-            for _ in range(200):
-                x, y = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 2, size - r - 2)
-                if all(math.hypot(x - cx, y - cy) >= r + cr + gap for cx, cy, cr in centres):
-                    centres.append((x, y, r))
-                    break
-            else:
-                break
-        if len(centres) == len(radii):
-            return [(x, y) for x, y, _ in centres]
+# --- per-patch training labels ---------------------------------------------------------------
+# Per-patch label groups, each class named by a word of the vocabulary (class 0: nothing there).
+# "count" is the number of objects or characters in the picture, the same for every patch; "side"
+# and "height" say which half of the picture a patch is in.
+LABEL_WORDS: dict[str, tuple[str, ...]] = {
+    "color": ("no", *COLORS),
+    "shape": ("no", *SHAPES),
+    "char": ("no", *TEXT_ALPHABET),
+    "ordinal": ("no", *ORDINALS, "fifth"),
+    "count": NUMBERS,
+    "side": ("left", "right"),
+    "height": ("top", "bottom"),
+}
 
 
-def random_objects(rng: random.Random, n: int, r_range: tuple[float, float] = (7, 11)) -> list[Obj]:
-    """``n`` objects with distinct (shape, colour) pairs at non-overlapping places."""
+def _patch_owner(
+    index_map: np.ndarray, count: int, patch: int = LABEL_PATCH, min_cover: float = OBJECT_MIN_COVER
+) -> np.ndarray:
+    """Per patch, 1 + the index of the part covering most of it (0 if none covers ``min_cover``)."""
+    grid = index_map.shape[0] // patch
+    onehot = np.eye(count + 1, dtype=np.float32)[index_map]
+    cover = onehot.reshape(grid, patch, grid, patch, count + 1).mean((1, 3))[..., 1:]
+    if count == 0:
+        return np.zeros((grid, grid), np.int64)
+    owner = cover.argmax(-1) + 1
+    return np.where(cover.max(-1) >= min_cover, owner, 0).astype(np.int64)
+
+
+def _halves(grid: int) -> dict[str, np.ndarray]:
+    rows, cols = np.mgrid[0:grid, 0:grid]
+    return {"side": (cols >= grid // 2).astype(np.int64), "height": (rows >= grid // 2).astype(np.int64)}
+
+
+def object_labels(objects: Sequence[Obj], size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
+    """Colour and shape of the object on each patch, and the object count (no randomness used)."""
+    index_map = np.asarray(draw_objects(Image.new("L", (size, size)), objects, list(range(1, len(objects) + 1))))
+    owner = _patch_owner(index_map.astype(np.int64), len(objects))
+    colors = np.array([0] + [list(COLORS).index(o.color) + 1 for o in objects])
+    shapes = np.array([0] + [SHAPES.index(o.shape) + 1 for o in objects])
+    zeros = np.zeros_like(owner)
+    return {"color": colors[owner], "shape": shapes[owner], "char": zeros, "ordinal": zeros,
+            "count": np.full_like(owner, len(objects)), **_halves(owner.shape[0])}  # fmt: skip
+
+
+def text_labels(text: str, row: int, first: int, grid: int = IMAGE_SIZE // LABEL_PATCH) -> dict[str, np.ndarray]:
+    """Which letter (and which of the string's letters) is in each cell, and the length."""
+    chars, order = np.zeros((grid, grid), np.int64), np.zeros((grid, grid), np.int64)
+    for k, letter in enumerate(text):
+        chars[row, first + k] = TEXT_ALPHABET.index(letter) + 1
+        order[row, first + k] = k + 1
+    zeros = np.zeros_like(chars)
+    return {"color": zeros, "shape": zeros, "char": chars, "ordinal": order,
+            "count": np.full_like(chars, len(text)), **_halves(grid)}  # fmt: skip
+
+
+# Objects and letters sit one to a cell of tokcomp-tiny's patch grid, so every patch shows a whole
+# object or letter (a vision transformer trained from scratch in minutes cannot piece shapes
+# together from fragments spread over several patches).
+GRID = IMAGE_SIZE // LABEL_PATCH
+OBJECT_RADII = (4.5, 6.5)
+ALL_CELLS = [(col, row) for row in range(GRID) for col in range(GRID)]
+
+
+def cell_centre(index: int) -> float:
+    return LABEL_PATCH * index + LABEL_PATCH / 2
+
+
+def place(rng: random.Random, n: int, avoid: Sequence[tuple[int, int]] = ()) -> list[tuple[float, float]]:
+    """Centres of ``n`` distinct grid cells, none of them in ``avoid``."""
+    cells = rng.sample([c for c in ALL_CELLS if c not in set(avoid)], n)
+    return [(cell_centre(col), cell_centre(row)) for col, row in cells]
+
+
+def random_objects(rng: random.Random, n: int, avoid: Sequence[tuple[int, int]] = ()) -> list[Obj]:
+    """``n`` objects with distinct (shape, colour) pairs in distinct cells."""
     pairs = rng.sample([(s, c) for s in SHAPES for c in COLORS], n)
-    radii = [rng.uniform(*r_range) for _ in range(n)]
-    return [Obj(s, c, x, y, r) for (s, c), (x, y), r in zip(pairs, place(rng, radii), radii, strict=True)]
+    radii = [rng.uniform(*OBJECT_RADII) for _ in range(n)]
+    centres = place(rng, n, avoid)
+    return [Obj(s, c, x, y, r) for (s, c), (x, y), r in zip(pairs, centres, radii, strict=True)]
 
 
 # --- tc_shapes -------------------------------------------------------------------------------
@@ -169,6 +243,7 @@ def make_shapes(rng: random.Random) -> Item:
         item = _shapes_question(rng, kind, objects)
         if item is not None:
             item.images = [draw_objects(background(rng), objects)]
+            item.labels = [object_labels(objects)]
             return item
 
 
@@ -202,24 +277,26 @@ def _shapes_question(rng: random.Random, kind: str, objects: list[Obj]) -> Item 
 
 # --- tc_text ---------------------------------------------------------------------------------
 def make_text(rng: random.Random) -> Item:
-    """A 3-5 character string in PIL's built-in font, on a flat or lightly textured background."""
+    """A 3-5 letter string in PIL's built-in font, one letter per cell of a row, on a flat or lightly
+    textured background."""
     text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(3, 5)))
     image = background(rng, rng.choice(("flat", "flat", "gradient", "noise")))
-    font = ImageFont.load_default(size=rng.randint(21, 26))
+    font = ImageFont.load_default(size=rng.randint(12, 14))
+    row, first = rng.randrange(GRID), rng.randint(0, GRID - len(text))
+    fill = COLORS[rng.choice(("white", "yellow"))]
     draw = ImageDraw.Draw(image)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    x = rng.uniform(4 - left, 4 - left + (IMAGE_SIZE - 8 - right + left) / 3)  # starts in the left third
-    y = rng.uniform(4 - top, IMAGE_SIZE - 4 - bottom)
-    draw.text((x, y), text, font=font, fill=COLORS[rng.choice(("white", "yellow"))])
+    for k, letter in enumerate(text):
+        draw.text((cell_centre(first + k), cell_centre(row)), letter, font=font, fill=fill, anchor="mm")
     question = rng.choice(("what does the text say?", "read the text."))
-    return Item("tc_text", "read", question, text, [], images=[image])
+    labels = text_labels(text, row, first)
+    return Item("tc_text", "read", question, text, [], images=[image], labels=[labels])
 
 
 # --- tc_multi --------------------------------------------------------------------------------
-def single_object_image(rng: random.Random, shape: str, color: str) -> Image.Image:
-    r = rng.uniform(12, 18)
-    x, y = rng.uniform(r + 4, IMAGE_SIZE - r - 4), rng.uniform(r + 4, IMAGE_SIZE - r - 4)
-    return draw_objects(background(rng), [Obj(shape, color, x, y, r)])
+def single_object_image(rng: random.Random, shape: str, color: str) -> tuple[Image.Image, dict[str, np.ndarray]]:
+    ((x, y),) = place(rng, 1)
+    obj = Obj(shape, color, x, y, rng.uniform(*OBJECT_RADII))
+    return draw_objects(background(rng), [obj]), object_labels([obj])
 
 
 def make_multi(rng: random.Random) -> Item:
@@ -255,7 +332,9 @@ def make_multi(rng: random.Random) -> Item:
         rng.shuffle(chosen)
         question = f"how many images show a {shape}?"
         item = Item("tc_multi", kind, question, NUMBERS[count], list(NUMBERS[: n + 1]))
-    item.images = [single_object_image(rng, s, c) for s, c in chosen]
+    pictures = [single_object_image(rng, s, c) for s, c in chosen]
+    item.images = [image for image, _ in pictures]
+    item.labels = [labels for _, labels in pictures]
     return item
 
 
@@ -264,17 +343,19 @@ def make_motion(rng: random.Random) -> Item:
     """An 8-16 frame clip: direction of motion, which object appears or disappears, order of events."""
     frames = rng.randint(8, 16)
     kind = rng.choice(("direction", "appear", "disappear", "order"))
-    objects = random_objects(rng, rng.randint(2, 3) if kind != "direction" else rng.randint(1, 3), (8, 11))
+    direction = rng.choice(DIRECTIONS)
+    lane = _lane(rng, direction) if kind == "direction" else []
+    count = rng.randint(2, 3) if kind != "direction" else rng.randint(1, 3)
+    objects = random_objects(rng, count, avoid=lane)
     colors = [o.color for o in objects]
     while len(set(colors)) < len(colors):  # colours name the objects here: make them distinct
-        objects = random_objects(rng, len(objects), (8, 11))
+        objects = random_objects(rng, count, avoid=lane)
         colors = [o.color for o in objects]
     visible = [[True] * frames for _ in objects]
     paths = [[(o.x, o.y)] * frames for o in objects]
     if kind == "direction":
         target = objects[0]
-        direction = rng.choice(DIRECTIONS)
-        paths[0] = _straight_path(rng, target.r, direction, frames)
+        paths[0] = _lane_path(lane, frames)
         question = f"which way does the {target.color} {target.shape} move?"
         item = Item("tc_motion", kind, question, direction, list(DIRECTIONS))
     elif kind in ("appear", "disappear"):
@@ -291,26 +372,29 @@ def make_motion(rng: random.Random) -> Item:
         question = f"which color appears first, {names[0]} or {names[1]}?"
         item = Item("tc_motion", kind, question, a, [a, b])
     back = background(rng)
-    item.video = [
-        draw_objects(
-            back,
-            [Obj(o.shape, o.color, *paths[k][t], o.r) for k, o in enumerate(objects) if visible[k][t]],
-        )
+    scenes = [
+        [Obj(o.shape, o.color, *paths[k][t], o.r) for k, o in enumerate(objects) if visible[k][t]]
         for t in range(frames)
     ]
+    item.video = [draw_objects(back, scene) for scene in scenes]
+    item.labels = [object_labels(scene) for scene in scenes]
     return item
 
 
-def _straight_path(rng: random.Random, r: float, direction: str, frames: int) -> list[tuple[float, float]]:
-    """A straight path of 40-70 px across the frame in ``direction``."""
-    length = rng.uniform(40, 70)
-    lo, hi = r + 2, IMAGE_SIZE - r - 2
-    start = rng.uniform(lo, hi - length)
-    along = [start + length * t / (frames - 1) for t in range(frames)]
+def _lane(rng: random.Random, direction: str) -> list[tuple[int, int]]:
+    """The cells a moving object crosses, in order: 4-6 cells along one row or column."""
+    length = rng.randint(4, 6)
+    start, across = rng.randint(0, GRID - length), rng.randrange(GRID)
+    along = list(range(start, start + length))
     if direction in ("left", "up"):
         along = along[::-1]
-    across = rng.uniform(lo, hi)
     return [(a, across) if direction in ("left", "right") else (across, a) for a in along]
+
+
+def _lane_path(lane: Sequence[tuple[int, int]], frames: int) -> list[tuple[float, float]]:
+    """Cell centres along ``lane`` over ``frames`` frames: first cell first, last cell last."""
+    steps = [round(t * (len(lane) - 1) / (frames - 1)) for t in range(frames)]
+    return [(cell_centre(lane[k][0]), cell_centre(lane[k][1])) for k in steps]
 
 
 GENERATORS: dict[str, Callable[[random.Random], Item]] = {
@@ -343,6 +427,7 @@ def vocabulary() -> list[str]:
     words += ["how", "many", "objects", "there", "what", "color", "shape", "is", "the", "object", "on", "left"]
     words += ["or", "right", "at", "top", "bottom", "does", "text", "say", "read", "which", "image", "images"]
     words += ["show", "a", "do", "and", "match", "yes", "no", "way", "move", "appears", "disappears", "first"]
+    words += ["fifth"]
     return list(dict.fromkeys(words))
 
 
@@ -416,8 +501,15 @@ def write_eval_splits(
             (path.parent / "videos").mkdir(exist_ok=True)
             for i, it in enumerate(items):
                 write_mp4(it.video, path.parent / "videos" / f"{item_record(it, i)['id']}.mp4")
-        summary[task] = {"items": n, "seed": seed, "random_guess": round(random_guess(items), 4)}
-    (out_dir / "index.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary[task] = {
+            "items": n,
+            "seed": seed,
+            "generator_version": GENERATOR_VERSION,
+            "random_guess": round(random_guess(items), 4),
+        }
+    index = out_dir / "index.json"
+    previous = json.loads(index.read_text()) if index.exists() else {}
+    index.write_text(json.dumps({**previous, **summary}, indent=2, sort_keys=True) + "\n")
     return written
 
 

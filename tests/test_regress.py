@@ -1,0 +1,223 @@
+"""`tokcomp regress` on synthetic run folders: pass, each kind of regression, overrides and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from cli_runner import run_tokcomp as run
+from runs_helper import task_entry, write_run
+
+from tokcomp.regress import Tolerance, Tolerances, load_tolerances, parse_tolerances, regress
+
+SHAPES = [1.0] * 8 + [0.0] * 2  # 80 %
+TEXT = [1.0, 0.5, 0.0, 1.0, 1.0]  # soft accuracy: 70 %
+
+
+def _run(root, shapes=SHAPES, text=TEXT, tokens=(120.0, 90.0), spec="dymu-mid", **kwargs):
+    """A run with tc_shapes and tc_text whose task scores are the means of the per-sample scores."""
+    tasks = {
+        "tc_shapes": task_entry(sum(shapes) / len(shapes), full=400, mean=tokens[0], samples=len(shapes)),
+        "tc_text": task_entry(sum(text) / len(text), full=300, mean=tokens[1], samples=len(text)),
+    }
+    return write_run(root, tasks, spec=spec, samples={"tc_shapes": list(shapes), "tc_text": list(text)}, **kwargs)
+
+
+def _flip(scores, *indices):
+    return [0.0 if i in indices else s for i, s in enumerate(scores)]
+
+
+def _tolerances(tmp_path, data) -> str:
+    path = tmp_path / "tol.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_identical_runs_pass(tmp_path, capsys):
+    base, cur = _run(tmp_path / "base"), _run(tmp_path / "cur")
+    code, out, err = run(["regress", "--baseline", str(base), "--current", str(cur)], capsys)
+    assert code == 0, err
+    assert "no regression" in out and "tc_shapes" in out and "tc_text" in out
+    assert "regress-tolerances.yaml" in out  # the shipped defaults were used
+
+
+def test_accuracy_drop_beyond_tolerance_fails_and_names_the_task(tmp_path, capsys):
+    base = _run(tmp_path / "base")
+    cur = _run(tmp_path / "cur", shapes=_flip(SHAPES, 0))  # 80 % → 70 %, one flip (allowed: 2)
+    code, out, _ = run(["regress", "--baseline", str(base), "--current", str(cur)], capsys)
+    assert code == 1
+    verdict = out[out.index("REGRESSION") :]
+    assert "tc_shapes: accuracy fell 10.0 points" in verdict and "tc_text" not in verdict
+
+
+def test_accuracy_drop_within_tolerance_passes(tmp_path):
+    base = _run(tmp_path / "base")
+    cur = _run(tmp_path / "cur", shapes=_flip(SHAPES, 0))
+    tol = _tolerances(tmp_path, {"default": {"accuracy_drop": 0.1}})  # exactly at the tolerance
+    assert regress(base, cur, tol).passed
+
+
+def test_tokens_rising_beyond_tolerance_fails(tmp_path, capsys):
+    base = _run(tmp_path / "base")
+    cur = _run(tmp_path / "cur", tokens=(126.0, 90.0))  # +5 %
+    code, out, _ = run(["regress", "--baseline", str(base), "--current", str(cur)], capsys)
+    assert code == 1
+    assert "tc_shapes: visual tokens rose 5.0%" in out
+
+
+def test_improvements_never_fail(tmp_path, capsys):
+    base = _run(tmp_path / "base", shapes=_flip(SHAPES, 0, 1, 2, 3))
+    cur = _run(tmp_path / "cur", tokens=(60.0, 45.0))  # more right, half the tokens
+    code, out, err = run(["regress", "--baseline", str(base), "--current", str(cur)], capsys)
+    assert code == 0, out + err
+    comparison = regress(base, cur)
+    shapes = comparison.tasks[0]
+    assert shapes.task == "tc_shapes" and shapes.fixes == 4 and not shapes.flips
+    assert shapes.tokens_change == pytest.approx(-0.5)
+
+
+def test_flips_are_counted_by_doc_id(tmp_path, capsys):
+    base = _run(tmp_path / "base")
+    shapes = _flip(SHAPES, 1, 2, 3)  # docs 1, 2, 3 go wrong, and 8, 9 go right
+    shapes[8] = shapes[9] = 1.0
+    text = [1.0, 0.0, 0.0, 1.0, 1.0]  # doc 1: 0.5 → 0.0 is a drop of 0.5, a flip
+    cur = _run(tmp_path / "cur", shapes=shapes, text=text)
+    tol = _tolerances(tmp_path, {"default": {"accuracy_drop": 0.5}})
+    comparison = regress(base, cur, tol)
+    by_task = {t.task: t for t in comparison.tasks}
+    assert [f.doc_id for f in by_task["tc_shapes"].flips] == [1, 2, 3]
+    assert by_task["tc_shapes"].fixes == 2
+    assert [f.doc_id for f in by_task["tc_text"].flips] == [1]
+    flip = by_task["tc_shapes"].flips[0]
+    assert (flip.target, flip.baseline_response, flip.current_response) == ("answer1", "answer1", "wrong1")
+    code, out, _ = run(["regress", "--baseline", str(base), "--current", str(cur), "--tolerances", tol], capsys)
+    assert code == 1
+    assert "tc_shapes: 3 samples flipped from right to wrong, more than the allowed 2" in out
+    assert "wrong1" in out and "wrong3" in out  # the flips are listed with their responses
+    assert "tc_text: " not in out[out.index("REGRESSION") :]  # one flip is allowed
+
+
+def test_per_task_override(tmp_path, capsys):
+    base = _run(tmp_path / "base")
+    cur = _run(tmp_path / "cur", text=[1.0, 0.5, 0.0, 1.0, 0.8])  # 70 % → 66 %, 4 points
+    argv = ["regress", "--baseline", str(base), "--current", str(cur), "--tolerances"]
+    code, out, _ = run([*argv, _tolerances(tmp_path, {"default": {"accuracy_drop": 0.02}})], capsys)
+    assert code == 1 and "tc_text: accuracy fell 4.0 points" in out
+    override = {"default": {"accuracy_drop": 0.02}, "tasks": {"tc_text": {"accuracy_drop": 0.05}}}
+    code, out, err = run([*argv, _tolerances(tmp_path, override)], capsys)
+    assert code == 0, out + err
+
+
+def test_override_keeps_the_other_default_keys():
+    tolerances = parse_tolerances({"default": {"max_flips": 5}, "tasks": {"tc_text": {"accuracy_drop": 0.04}}})
+    assert tolerances.for_task("tc_text") == Tolerance(accuracy_drop=0.04, tokens_rise=0.02, max_flips=5)
+    assert tolerances.for_task("tc_shapes") == Tolerance(max_flips=5)
+
+
+def test_shipped_tolerances_match_the_built_in_defaults():
+    tolerances, path = load_tolerances()
+    assert path is not None and path.name == "regress-tolerances.yaml"
+    assert tolerances.default == Tolerances().default
+
+
+def test_a_task_missing_from_the_current_run_fails(tmp_path, capsys):
+    base = _run(tmp_path / "base")
+    cur = write_run(
+        tmp_path / "cur",
+        {"tc_shapes": task_entry(0.8, full=400, mean=120.0, samples=10)},
+        spec="dymu-mid",
+        samples={"tc_shapes": SHAPES},
+    )
+    code, out, _ = run(["regress", "--baseline", str(base), "--current", str(cur)], capsys)
+    assert code == 1
+    assert "tc_text: missing from the current run" in out
+
+
+def test_a_task_only_in_the_current_run_is_noted(tmp_path, capsys):
+    base = write_run(
+        tmp_path / "base",
+        {"tc_shapes": task_entry(0.8, full=400, mean=120.0, samples=10)},
+        spec="dymu-mid",
+        samples={"tc_shapes": SHAPES},
+    )
+    code, out, _ = run(["regress", "--baseline", str(base), "--current", str(_run(tmp_path / "cur"))], capsys)
+    assert code == 0 and "only in the current run (not compared): tc_text" in out
+
+
+@pytest.mark.parametrize(("field", "value"), [("spec", "tome-mid"), ("model", "other-model"), ("limit", 5)])
+def test_runs_of_another_method_model_or_limit_are_bad_input(tmp_path, capsys, field, value):
+    base = _run(tmp_path / "base")
+    cur = _run(tmp_path / "cur", **{field: value})
+    code, out, err = run(["regress", "--baseline", str(base), "--current", str(cur)], capsys)
+    assert code == 2 and out == ""
+    what = {"spec": "method", "model": "model", "limit": "limit"}[field]
+    assert err.startswith(f"error: the runs differ in {what}") and len(err.strip().splitlines()) == 1
+
+
+def _broken(tmp_path, kind):
+    """A run folder broken in one way, and the message expected."""
+    root = _run(tmp_path / kind)
+    if kind == "missing-dir":
+        return tmp_path / "nowhere", "does not exist"
+    if kind == "bad-json":
+        (root / "results.json").write_text('{"schema": 1, ')
+        return root, "not valid JSON"
+    if kind == "no-samples":
+        (root / "samples.jsonl").unlink()
+        return root, "has no samples.jsonl"
+    if kind == "bad-sample-line":
+        with (root / "samples.jsonl").open("a") as handle:
+            handle.write("{oops\n")
+        return root, "line 16 is not valid JSON"
+    if kind == "duplicate-doc":
+        lines = (root / "samples.jsonl").read_text().splitlines()
+        (root / "samples.jsonl").write_text("\n".join([*lines, lines[0]]) + "\n")
+        return root, "appears twice"
+    if kind == "no-score":
+        data = json.loads((root / "results.json").read_text())
+        del data["tasks"]["tc_text"]["score"]
+        (root / "results.json").write_text(json.dumps(data))
+        return root, "score must be a finite number"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["missing-dir", "bad-json", "no-samples", "bad-sample-line", "duplicate-doc", "no-score"]
+)
+@pytest.mark.parametrize("side", ["baseline", "current"])
+def test_bad_or_missing_files_are_a_clean_error(tmp_path, capsys, kind, side):
+    good = _run(tmp_path / "good")
+    broken, message = _broken(tmp_path, kind)
+    paths = {"baseline": good, "current": good, side: broken}
+    code, _, err = run(["regress", "--baseline", str(paths["baseline"]), "--current", str(paths["current"])], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("default: {accuracy_drop: -1}", "non-negative number"),
+        ("default: {accuracy_dorp: 0.1}", "unknown key(s) accuracy_dorp"),
+        ("default: {max_flips: 1.5}", "whole number"),
+        ("tasks: [tc_text]", "'tasks' must be a mapping"),
+        ("default: {max_flips: [", "not valid YAML"),
+    ],
+)
+def test_bad_tolerance_files_are_a_clean_error(tmp_path, capsys, text, message):
+    run_dir = _run(tmp_path / "r")
+    path = tmp_path / "tol.yaml"
+    path.write_text(text)
+    code, _, err = run(
+        ["regress", "--baseline", str(run_dir), "--current", str(run_dir), "--tolerances", str(path)], capsys
+    )
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_tolerance_file_is_a_clean_error(tmp_path, capsys):
+    run_dir = _run(tmp_path / "r")
+    argv = ["regress", "--baseline", str(run_dir), "--current", str(run_dir), "--tolerances", str(tmp_path / "x.yaml")]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "does not exist" in err

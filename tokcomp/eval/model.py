@@ -1,0 +1,174 @@
+"""The lmms-eval model ``tokcomp``: a VLM loaded by tokcomp with a compression method attached.
+
+Used by ``tokcomp eval`` (as an instance) and by lmms-eval's own command line through the
+``lmms_eval.models`` entry point::
+
+    lmms-eval --model tokcomp --model_args pretrained=tokcomp-tiny,method=dymu-mid \\
+        --tasks tc_shapes --include_path tokcomp/eval/tasks
+
+Every answer also leaves a :class:`SampleRecord` (tokens before and after compression, timings, KV
+bytes) in ``records``, keyed by (task, doc_id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from PIL import Image
+
+from tokcomp.errors import TokcompError
+from tokcomp.pipeline import Generation, Pipeline, Request
+
+DEFAULT_MAX_NEW_TOKENS = 16
+TIMING_KEYS = {
+    "vision_ms": "vision",
+    "prefill_ms": "prefill",
+    "ttft_ms": "ttft",
+    "decode_ms_per_token": "decode_per_token",
+}
+
+
+@dataclass
+class SampleRecord:
+    """What one answer cost: visual tokens of the stock model and after the method, timings, KV bytes."""
+
+    visual_full: int
+    visual_kept: int
+    timings_ms: dict[str, float]
+    kv_bytes: int
+    prompt_tokens: int
+    output_tokens: int
+    methods: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_generation(cls, gen: Generation, batch_size: int) -> SampleRecord:
+        """Per-sample numbers; timings of a batch are shared equally by its requests."""
+        acc = gen.account
+        timings = {key: gen.timings_ms.get(src, 0.0) for key, src in TIMING_KEYS.items()}
+        if batch_size > 1:
+            timings = {k: v / batch_size for k, v in timings.items()}
+        return cls(
+            visual_full=acc.visual_full,
+            visual_kept=acc.visual_kept,
+            timings_ms={k: round(v, 3) for k, v in timings.items()},
+            kv_bytes=acc.kv_bytes,
+            prompt_tokens=acc.prompt_tokens_kept,
+            output_tokens=len(gen.token_ids),
+            methods=acc.methods,
+        )
+
+
+def split_visuals(visuals: Sequence, frames: int, load_video: Callable) -> tuple[list[Image.Image], list | None]:
+    """Images and at most one clip from ``doc_to_visual``: PIL images, a video path, or a list of frames."""
+    images, clips = [], []
+    for v in visuals or []:
+        if isinstance(v, Image.Image):
+            images.append(v.convert("RGB"))
+        elif isinstance(v, str):
+            clips.append(load_video(v, frames))
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(f, Image.Image) for f in v):
+            clips.append([f.convert("RGB") for f in v])
+        else:
+            raise TokcompError(f"cannot read a visual of type {type(v).__name__} (images, video paths or frames)")
+    if len(clips) > 1:
+        raise TokcompError(f"a document with {len(clips)} videos; tokcomp takes one video per prompt")
+    return images, (clips[0] if clips else None)
+
+
+def cut_at_stops(text: str, until: Sequence[str] | str | None) -> str:
+    """``text`` up to the first stop string (lmms-eval's ``until``)."""
+    stops = [until] if isinstance(until, str) else list(until or [])
+    for stop in stops:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text.strip()
+
+
+class TokcompLMM(lmms):
+    """A tokcomp-loaded VLM with a method attached while it answers (``generate_until`` only)."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = "tokcomp-tiny",
+        method: str = "none",
+        calib: str | None = None,
+        batch_size: int | str = 1,
+        max_frames_num: int = 16,
+        progress: bool = True,
+        adapter=None,
+        device: str | None = None,
+        max_batch_size: int | None = None,
+        **settings,
+    ) -> None:
+        super().__init__()
+        import torch
+
+        from tokcomp.methods.registry import build_method
+        from tokcomp.models.loading import load_vlm
+
+        self.model_name = str(pretrained)
+        self.adapter = adapter if adapter is not None else load_vlm(self.model_name)
+        if device and str(device).startswith("cuda") and torch.cuda.is_available():
+            self.adapter.model.to(device)
+        method_settings = {key: str(value) for key, value in settings.items() if value is not None}
+        self.method_spec = str(method)
+        self.method = build_method(
+            self.method_spec, self.model_name, self.adapter.num_layers, str(calib) if calib else None, method_settings
+        )
+        self.batch_size_per_gpu = max(1, int(batch_size))
+        self.max_frames_num = int(max_frames_num)
+        self.progress = progress
+        self.records: dict[tuple[str, int], SampleRecord] = {}
+
+    def _requests(self, instances: Sequence[Instance]) -> list[tuple[Request, int, list[str] | None]]:
+        from tokcomp.data.video import load_video
+
+        out = []
+        for inst in instances:
+            contexts, gen_kwargs, doc_to_visual, doc_id, task, split = inst.args
+            doc = self.task_dict[task][split][doc_id]
+            images, clip = split_visuals(doc_to_visual(doc), self.max_frames_num, load_video)
+            max_new = int(gen_kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+            out.append((Request(str(contexts), images, clip), max_new, gen_kwargs.get("until")))
+        return out
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        results: list[GenerationResult | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: (requests[i].args[4], requests[i].args[3]))
+        pipe = Pipeline(self.adapter, self.method)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, disable=not self.progress, transient=True) as bar, self.method(self.adapter):
+            job = bar.add_task(f"{self.model_name} · {self.method_spec}", total=len(requests))
+            for start in range(0, len(order), self.batch_size_per_gpu):
+                chunk = order[start : start + self.batch_size_per_gpu]
+                prepared = self._requests([requests[i] for i in chunk])
+                max_new = max(m for _, m, _ in prepared)
+                generations = pipe.generate([r for r, _, _ in prepared], max_new_tokens=max_new)
+                for i, (_, _, until), gen in zip(chunk, prepared, generations, strict=True):
+                    _, _, _, doc_id, task, _ = requests[i].args
+                    record = SampleRecord.from_generation(gen, len(chunk))
+                    self.records[(task, int(doc_id))] = record
+                    text = cut_at_stops(gen.answer, until)
+                    results[i] = GenerationResult(text, TokenCounts(record.prompt_tokens, record.output_tokens))
+                bar.advance(job, len(chunk))
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        raise TokcompError("tokcomp answers generation tasks only (output_type: generate_until)")
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        raise TokcompError("tokcomp does not run multi-round tasks")
+
+
+def manifests():
+    """The ``lmms_eval.models`` entry point: ``--model tokcomp``."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest("tokcomp", simple_class_path="tokcomp.eval.model.TokcompLMM")]

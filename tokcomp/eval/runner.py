@@ -1,0 +1,231 @@
+"""``tokcomp eval``: lmms-eval's ``simple_evaluate`` with the tokcomp model, then results.json and samples.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tokcomp.errors import TokcompError
+from tokcomp.io import atomic_write
+
+SCHEMA = 1
+
+
+@dataclass
+class EvalRequest:
+    tasks: list[str]
+    model: str
+    method: str = "none"
+    calib: str | None = None
+    settings: dict | None = None
+    limit: int | None = None
+    data_files: Path | None = None
+    batch_size: int = 1
+    frames: int = 16
+    progress: bool = True
+
+
+def sample_score(value) -> float | None:
+    """A per-sample metric as a number in [0, 1] (lmms-eval tasks return numbers or dicts with a score)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict) and isinstance(value.get("score"), (int, float)):
+        return float(value["score"])
+    return None
+
+
+def as_fraction(aggregate: float, per_sample_mean: float | None) -> float:
+    """The task score in [0, 1]: percent-valued aggregates (MVBench, VideoMME) are divided by 100."""
+    if per_sample_mean is not None and aggregate > 1.0 + 1e-9:
+        return aggregate / 100.0
+    return aggregate
+
+
+def _token_summary(full: list[int], kept: list[int]) -> dict:
+    arr = np.asarray(kept, dtype=float)
+    return {
+        "full": round(float(np.mean(full)), 2),
+        "mean": round(float(arr.mean()), 2),
+        "std": round(float(arr.std()), 2),
+        "p50": round(float(np.percentile(arr, 50)), 2),
+        "p95": round(float(np.percentile(arr, 95)), 2),
+    }
+
+
+def _peak_bytes() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("tokcomp", "torch", "transformers", "lmms_eval"):
+        try:
+            out[package] = version(package.replace("_", "-"))
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
+        )
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return None
+
+
+def _quiet_lmms_eval() -> None:
+    """lmms-eval logs every step with loguru at INFO; keep warnings and errors only."""
+    with contextlib.suppress(ImportError):
+        from loguru import logger
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+    for name in ("lmms-eval", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
+    """Evaluate, write ``out_dir/results.json`` and ``out_dir/samples.jsonl``, and return the results."""
+    _quiet_lmms_eval()
+    from lmms_eval.evaluator import simple_evaluate
+
+    from tokcomp.eval.model import TokcompLMM
+    from tokcomp.eval.tasks import SUITES, ensure_suite_files, plan_tasks, suites_data_dir, task_manager
+
+    if request.limit is not None and request.limit < 1:
+        raise TokcompError("--limit must be at least 1")
+    manager = task_manager(request.tasks)
+    plans = plan_tasks(request.tasks, request.data_files, manager=manager)
+    suites = sorted({leaf for p in plans for leaf in p.leaves if leaf in SUITES})
+    if suites and request.data_files is None:
+        ensure_suite_files(suites, suites_data_dir(), log=log)
+    model = TokcompLMM(
+        pretrained=request.model,
+        method=request.method,
+        calib=request.calib,
+        batch_size=request.batch_size,
+        max_frames_num=request.frames,
+        progress=request.progress,
+        **(request.settings or {}),
+    )
+    configs = [c for p in plans for c in p.configs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        raw = simple_evaluate(
+            model=model,
+            tasks=configs,
+            limit=request.limit,
+            bootstrap_iters=0,
+            log_samples=True,
+            task_manager=manager,
+            batch_size=request.batch_size,
+            cli_args=argparse.Namespace(output_path=str(out_dir), process_with_media=False),
+            verbosity="WARNING",
+        )
+    except SystemExit as exc:  # some stock tasks exit when a video is missing
+        raise TokcompError(f"lmms-eval stopped: {exc.code}") from None
+    except FileNotFoundError as exc:
+        raise TokcompError(f"missing data: {exc}") from None
+    if raw is None:
+        raise TokcompError("lmms-eval returned no results")
+    results = assemble(raw, model, request, [leaf for p in plans for leaf in p.leaves])
+    samples = results.pop("_samples")
+    lines = "".join(json.dumps(s) + "\n" for s in samples)
+    atomic_write(out_dir / "samples.jsonl", lambda tmp: tmp.write_text(lines))
+    atomic_write(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    return results
+
+
+def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> dict:
+    """results.json's content (plus ``_samples``: the samples.jsonl rows) from lmms-eval's output."""
+    tasks, rows = {}, []
+    for task in leaves:
+        if task not in raw["results"]:
+            continue
+        metric_names = [m["metric"] for m in raw["configs"][task].get("metric_list", []) if m["metric"] != "submission"]
+        primary = metric_names[0] if metric_names else None
+        metrics = {}
+        for key, value in raw["results"][task].items():
+            name, _, _filter = key.partition(",")
+            if isinstance(value, (int, float)) and not name.endswith("_stderr") and "stderr" not in name:
+                metrics[name] = value
+        task_samples = raw.get("samples", {}).get(task, [])
+        scores, full, kept, timings, kv = [], [], [], [], []
+        for sample in task_samples:
+            doc_id = int(sample["doc_id"])
+            record = model.records.get((task, doc_id))
+            score = sample_score(sample.get(primary)) if primary else None
+            response = sample.get("filtered_resps") or sample.get("resps") or [""]
+            while isinstance(response, list):
+                response = response[0] if response else ""
+            row = {"task": task, "doc_id": doc_id, "target": sample.get("target"), "response": response, "score": score}
+            if record is not None:
+                row |= {
+                    "visual_tokens": {"full": record.visual_full, "kept": record.visual_kept},
+                    "timings": record.timings_ms,
+                    "kv_bytes": record.kv_bytes,
+                }
+                full.append(record.visual_full)
+                kept.append(record.visual_kept)
+                timings.append(record.timings_ms)
+                kv.append(record.kv_bytes)
+            if score is not None:
+                scores.append(score)
+            rows.append(row)
+        per_sample_mean = statistics.fmean(scores) if scores else None
+        aggregate = metrics.get(primary) if primary else None
+        if aggregate is None:
+            aggregate = per_sample_mean
+        entry = {
+            "metric": primary,
+            "score": round(as_fraction(aggregate, per_sample_mean), 6) if aggregate is not None else None,
+            "metrics": metrics,
+            "samples": len(task_samples),
+        }
+        if kept:
+            entry["visual_tokens"] = _token_summary(full, kept)
+            entry["timings"] = {k: round(statistics.median(t[k] for t in timings), 3) for k in timings[0]}
+            entry["memory"] = {"peak_bytes": _peak_bytes(), "kv_bytes": int(statistics.fmean(kv))}
+        tasks[task] = entry
+    if not tasks:
+        raise TokcompError("lmms-eval produced no results for " + ", ".join(leaves))
+    return {
+        "schema": SCHEMA,
+        "model": request.model,
+        "method": {"spec": request.method, "name": model.method.name, "settings": _jsonable(model.method.settings())},
+        "calibration": request.calib,
+        "limit": request.limit,
+        "batch_size": request.batch_size,
+        "tasks": tasks,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "_samples": rows,
+    }
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,405 @@
+"""`tokcomp regress`: a current `tokcomp eval` run against a baseline, task by task and sample by sample."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from tokcomp.errors import TokcompError
+from tokcomp.runs import Run, Sample, load_run, load_samples
+
+TOLERANCES_NAME = "regress-tolerances.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FLIP_DROP = 0.5  # a sample flips when its score falls by at least this much (correct → wrong)
+SHOWN_FLIPS = 10
+EPS = 1e-9  # a change exactly at the tolerance passes despite float rounding
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a task may lose: accuracy in absolute fraction points, tokens relatively, flipped samples."""
+
+    accuracy_drop: float = 0.02
+    tokens_rise: float = 0.02
+    max_flips: int = 2
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """A default tolerance and per-task overrides."""
+
+    default: Tolerance = field(default_factory=Tolerance)
+    tasks: dict[str, Tolerance] = field(default_factory=dict)
+
+    def for_task(self, task: str) -> Tolerance:
+        """The tolerance that applies to ``task``."""
+        return self.tasks.get(task, self.default)
+
+
+def default_tolerances_path() -> Path | None:
+    """configs/regress-tolerances.yaml in the working directory, else in the repository; None if neither."""
+    for root in (Path.cwd(), REPO_ROOT):
+        path = root / "configs" / TOLERANCES_NAME
+        if path.is_file():
+            return path
+    return None
+
+
+def _tolerance(data: Any, base: Tolerance, where: str) -> Tolerance:
+    """``base`` with the keys given in ``data`` replaced, each checked."""
+    if data is None:
+        return base
+    if not isinstance(data, dict):
+        raise TokcompError(f"{where} must be a mapping of accuracy_drop, tokens_rise, max_flips")
+    known = {f.name for f in fields(Tolerance)}
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown:
+        raise TokcompError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise TokcompError(f"{where}.{key} must be a non-negative number, got {value!r}")
+        if key == "max_flips":
+            if float(value) != int(value):
+                raise TokcompError(f"{where}.max_flips must be a whole number, got {value!r}")
+            value = int(value)
+        values[key] = value if key == "max_flips" else float(value)
+    return replace(base, **values)
+
+
+def parse_tolerances(data: Any, where: str = "tolerances") -> Tolerances:
+    """Tolerances from a parsed YAML mapping ``{default: {...}, tasks: {task: {...}}}``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TokcompError(f"{where} must be a mapping with 'default' and 'tasks'")
+    unknown = sorted(set(map(str, data)) - {"default", "tasks"})
+    if unknown:
+        raise TokcompError(f"{where}: unknown key(s) {', '.join(unknown)} (known: default, tasks)")
+    default = _tolerance(data.get("default"), Tolerance(), f"{where}: default")
+    tasks = data.get("tasks") or {}
+    if not isinstance(tasks, dict):
+        raise TokcompError(f"{where}: 'tasks' must be a mapping of task name to tolerances")
+    return Tolerances(
+        default=default,
+        tasks={str(name): _tolerance(value, default, f"{where}: tasks.{name}") for name, value in tasks.items()},
+    )
+
+
+def load_tolerances(path: str | Path | None = None) -> tuple[Tolerances, Path | None]:
+    """Tolerances from ``path``, else the shipped default file, else the built-in defaults; and the file used."""
+    if path is None:
+        path = default_tolerances_path()
+        if path is None:
+            return Tolerances(), None
+    path = Path(path)
+    if not path.is_file():
+        raise TokcompError(f"tolerance file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise TokcompError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TokcompError(f"tolerance file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return parse_tolerances(data, str(path)), path
+
+
+@dataclass(frozen=True)
+class Flip:
+    """A sample the baseline got right and the current run gets wrong."""
+
+    doc_id: int | str
+    target: str
+    baseline_response: str
+    current_response: str
+    baseline_score: float
+    current_score: float
+
+
+@dataclass(frozen=True)
+class TaskComparison:
+    """One baseline task against the current run, with the reasons it fails (none = it passes)."""
+
+    task: str
+    tolerance: Tolerance
+    baseline_score: float
+    current_score: float | None  # None: the task is missing from the current run
+    baseline_tokens: float | None
+    current_tokens: float | None
+    flips: list[Flip] = field(default_factory=list)
+    fixes: int = 0  # samples the other way round: baseline wrong, current right
+    paired: int = 0  # samples found in both runs
+    missing_samples: list[int | str] = field(default_factory=list)  # baseline doc_ids absent from current
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Whether nothing regressed beyond tolerance."""
+        return not self.failures
+
+    @property
+    def score_delta(self) -> float | None:
+        """current − baseline score, in fraction points."""
+        return None if self.current_score is None else self.current_score - self.baseline_score
+
+    @property
+    def tokens_change(self) -> float | None:
+        """Relative change of the mean visual tokens (current / baseline − 1)."""
+        if self.baseline_tokens is None or self.current_tokens is None or self.baseline_tokens <= 0:
+            return None
+        return self.current_tokens / self.baseline_tokens - 1.0
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every baseline task compared; ``passed`` decides the exit code."""
+
+    baseline: Run
+    current: Run
+    tolerances_file: Path | None
+    tasks: list[TaskComparison]
+    extra_tasks: list[str]  # tasks only the current run has (reported, never a failure)
+    notes: list[str]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every baseline task passed."""
+        return all(t.passed for t in self.tasks)
+
+    @property
+    def failed(self) -> list[TaskComparison]:
+        """The tasks that regressed."""
+        return [t for t in self.tasks if not t.passed]
+
+
+def check_comparable(baseline: Run, current: Run) -> None:
+    """Refuse runs of another model, method spec or sample limit: a diff of those would mean nothing."""
+    for what, a, b in (
+        ("model", baseline.model, current.model),
+        ("method", baseline.spec, current.spec),
+        ("limit", baseline.limit, current.limit),
+    ):
+        if a != b:
+            raise TokcompError(
+                f"the runs differ in {what}: baseline {baseline.root} has {a!r}, current {current.root} has {b!r}; "
+                f"compare runs of the same model, method and limit"
+            )
+
+
+def _changed_settings(baseline: Run, current: Run) -> list[str]:
+    keys = sorted(set(baseline.settings) | set(current.settings), key=str)
+    return [
+        f"setting {key}: {baseline.settings.get(key)!r} → {current.settings.get(key)!r}"
+        for key in keys
+        if baseline.settings.get(key) != current.settings.get(key)
+    ]
+
+
+def compare_task(
+    task: str,
+    baseline: Run,
+    current: Run,
+    baseline_samples: dict[tuple[str, int | str], Sample],
+    current_samples: dict[tuple[str, int | str], Sample],
+    tolerance: Tolerance,
+) -> TaskComparison:
+    """One task of the baseline against the current run."""
+    base = baseline.tasks[task]
+    now = current.tasks.get(task)
+    if now is None:
+        return TaskComparison(
+            task, tolerance, base.score, None, base.tokens_mean, None, failures=["missing from the current run"]
+        )
+    flips: list[Flip] = []
+    missing: list[int | str] = []
+    fixes = paired = 0
+    for (name, doc_id), before in baseline_samples.items():
+        if name != task:
+            continue
+        after = current_samples.get((name, doc_id))
+        if after is None:
+            missing.append(doc_id)
+            continue
+        paired += 1
+        if before.score - after.score >= FLIP_DROP - EPS:
+            flips.append(Flip(doc_id, before.target, before.response, after.response, before.score, after.score))
+        elif after.score - before.score >= FLIP_DROP - EPS:
+            fixes += 1
+    comparison = TaskComparison(
+        task, tolerance, base.score, now.score, base.tokens_mean, now.tokens_mean, flips, fixes, paired, missing
+    )
+    failures = []
+    drop = base.score - now.score
+    if drop > tolerance.accuracy_drop + EPS:
+        failures.append(
+            f"accuracy fell {100 * drop:.1f} points ({100 * base.score:.1f}% → {100 * now.score:.1f}%), "
+            f"more than the allowed {100 * tolerance.accuracy_drop:.1f} points"
+        )
+    rise = comparison.tokens_change
+    if rise is not None and rise > tolerance.tokens_rise + EPS:
+        failures.append(
+            f"visual tokens rose {100 * rise:.1f}% ({base.tokens_mean:.1f} → {now.tokens_mean:.1f}), "
+            f"more than the allowed {100 * tolerance.tokens_rise:.1f}%"
+        )
+    if len(flips) > tolerance.max_flips:
+        failures.append(
+            f"{len(flips)} samples flipped from right to wrong, more than the allowed {tolerance.max_flips}"
+        )
+    if missing:
+        failures.append(f"{len(missing)} baseline sample(s) missing from the current run")
+    return replace(comparison, failures=failures)
+
+
+def compare_runs(
+    baseline: Run,
+    current: Run,
+    tolerances: Tolerances,
+    baseline_samples: dict[tuple[str, int | str], Sample],
+    current_samples: dict[tuple[str, int | str], Sample],
+    tolerances_file: Path | None = None,
+) -> Comparison:
+    """Compare every task of the baseline with the current run (pure: no files read)."""
+    check_comparable(baseline, current)
+    tasks = [
+        compare_task(task, baseline, current, baseline_samples, current_samples, tolerances.for_task(task))
+        for task in sorted(baseline.tasks)
+    ]
+    notes = _changed_settings(baseline, current)
+    if baseline.calibration != current.calibration:
+        notes.append(f"calibration: {baseline.calibration} → {current.calibration}")
+    for t in tasks:
+        if t.current_score is not None and t.paired == 0:
+            notes.append(f"{t.task}: no samples to pair, flips not checked")
+    extra = sorted(set(current.tasks) - set(baseline.tasks))
+    return Comparison(baseline, current, tolerances_file, tasks, extra, notes)
+
+
+def regress(
+    baseline_path: str | Path, current_path: str | Path, tolerances_path: str | Path | None = None
+) -> Comparison:
+    """Load both runs (results.json and samples.jsonl) and the tolerances, and compare them."""
+    baseline = load_run(baseline_path)
+    current = load_run(current_path)
+    check_comparable(baseline, current)
+    tolerances, used = load_tolerances(tolerances_path)
+    return compare_runs(baseline, current, tolerances, load_samples(baseline), load_samples(current), used)
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def _tokens(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def _clip(text: str, width: int = 48) -> Text:
+    one_line = " ".join(text.split())
+    return Text(one_line if len(one_line) <= width else one_line[: width - 1] + "…")
+
+
+def _verdict(ok: bool, improved: bool = False) -> str:
+    if not ok:
+        return "[bold red]FAIL[/]"
+    return "[green]better[/]" if improved else "[green]ok[/]"
+
+
+def task_table(t: TaskComparison) -> Group:
+    """A rich rendering of one task: score, tokens and flips against the tolerance."""
+    status = "[bold green]PASS[/]" if t.passed else "[bold red]FAIL[/]"
+    table = Table(title=f"{escape(t.task)}: {status}", title_justify="left", show_header=True)
+    for column in ("check", "baseline", "current", "change", "allowed", "result"):
+        table.add_column(column, justify="left" if column in ("check", "result") else "right")
+    tol = t.tolerance
+    if t.current_score is None:
+        table.add_row("accuracy (%)", _pct(t.baseline_score), "missing", "—", "—", _verdict(False))
+        return Group(table)
+    delta = t.score_delta or 0.0
+    table.add_row(
+        "accuracy (%)",
+        _pct(t.baseline_score),
+        _pct(t.current_score),
+        f"{_pct(delta, signed=True)} pts",
+        f"-{100 * tol.accuracy_drop:.1f} pts",
+        _verdict(-delta <= tol.accuracy_drop + EPS, delta > EPS),
+    )
+    change = t.tokens_change
+    table.add_row(
+        "visual tokens",
+        _tokens(t.baseline_tokens),
+        _tokens(t.current_tokens),
+        "—" if change is None else f"{100 * change:+.1f}%",
+        f"+{100 * tol.tokens_rise:.1f}%",
+        "[dim]not measured[/]" if change is None else _verdict(change <= tol.tokens_rise + EPS, change < -EPS),
+    )
+    table.add_row(
+        "flips",
+        "",
+        str(len(t.flips)),
+        f"({t.fixes} fixed)",
+        str(tol.max_flips),
+        _verdict(len(t.flips) <= tol.max_flips, False),
+    )
+    if t.missing_samples:
+        shown = ", ".join(map(str, t.missing_samples[:SHOWN_FLIPS]))
+        more = f" and {len(t.missing_samples) - SHOWN_FLIPS} more" if len(t.missing_samples) > SHOWN_FLIPS else ""
+        table.add_row("samples missing", str(t.paired + len(t.missing_samples)), str(t.paired), "", "0",
+                      _verdict(False))  # fmt: skip
+        table.caption = f"missing doc_ids: {escape(shown)}{more}"
+        table.caption_justify = "left"
+    parts: list[Any] = [table]
+    if t.flips:
+        flips = Table(title=f"{escape(t.task)}: flipped samples", title_justify="left", show_header=True)
+        for column in ("doc_id", "target", "baseline response", "current response", "score"):
+            flips.add_column(column, justify="right" if column in ("doc_id", "score") else "left")
+        for flip in t.flips[:SHOWN_FLIPS]:
+            flips.add_row(
+                Text(str(flip.doc_id)),
+                _clip(flip.target),
+                _clip(flip.baseline_response),
+                _clip(flip.current_response),
+                f"{flip.baseline_score:g} → {flip.current_score:g}",
+            )
+        if len(t.flips) > SHOWN_FLIPS:
+            flips.caption = f"… and {len(t.flips) - SHOWN_FLIPS} more"
+            flips.caption_justify = "left"
+        parts.append(flips)
+    return Group(*parts)
+
+
+def print_comparison(comparison: Comparison, console: Console) -> None:
+    """The readable diff: a header, one table per task, notes, and a verdict naming the failed tasks."""
+    b, c = comparison.baseline, comparison.current
+    console.print(f"baseline {escape(str(b.root))} · current {escape(str(c.root))}")
+    limit = "all samples" if b.limit is None else f"limit {b.limit}"
+    source = escape(str(comparison.tolerances_file)) if comparison.tolerances_file else "built-in defaults"
+    console.print(f"model {escape(b.model)} · method {escape(b.spec)} · {limit} · tolerances: {source}")
+    for t in comparison.tasks:
+        console.print()
+        console.print(task_table(t))
+    notes = list(comparison.notes)
+    if comparison.extra_tasks:
+        notes.append(f"only in the current run (not compared): {', '.join(comparison.extra_tasks)}")
+    if notes:
+        console.print()
+        for note in notes:
+            console.print(f"[dim]note: {escape(note)}[/]")
+    console.print()
+    if comparison.passed:
+        console.print(f"[bold green]no regression[/] in {len(comparison.tasks)} task(s)")
+        return
+    failed = comparison.failed
+    console.print(f"[bold red]REGRESSION[/] in {len(failed)} of {len(comparison.tasks)} task(s):")
+    for t in failed:
+        for reason in t.failures:
+            console.print(f"  {escape(t.task)}: {escape(reason)}")
