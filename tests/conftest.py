@@ -54,3 +54,16 @@ def photos() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def flat_image() -> Image.Image:
     return Image.fromarray(np.full((256, 256, 3), (120, 160, 200), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def suites_dir(tmp_path_factory):
+    """The built-in suites' eval files (24 items per task) where `tokcomp eval` reads them ($TOKCOMP_TASKS_DIR)."""
+    from tokcomp.tiny.tasks import write_eval_splits
+
+    folder = tmp_path_factory.mktemp("tasks")
+    write_eval_splits(folder, n=24)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TOKCOMP_TASKS_DIR", str(folder))
+    yield folder
+    patch.undo()

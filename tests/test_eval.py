@@ -20,22 +20,6 @@ RESULT_KEYS = {"schema", "model", "method", "calibration", "limit", "tasks", "ve
 TASK_KEYS = {"metric", "score", "metrics", "samples", "visual_tokens", "timings", "memory"}
 
 
-@pytest.fixture(scope="module")
-def suites_dir(tmp_path_factory):
-    """The suites' eval files, written once for this module (as `tokcomp make-tasks` writes them)."""
-    from tokcomp.tiny.tasks import write_eval_splits
-
-    folder = tmp_path_factory.mktemp("tasks")
-    write_eval_splits(folder, n=12)
-    old = os.environ.get("TOKCOMP_TASKS_DIR")
-    os.environ["TOKCOMP_TASKS_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("TOKCOMP_TASKS_DIR")
-    else:
-        os.environ["TOKCOMP_TASKS_DIR"] = old
-
-
 def _read(run: Path) -> tuple[dict, list[dict]]:
     results = json.loads((run / "results.json").read_text())
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]

@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
 from cli_runner import run_tokcomp
 
 from tokcomp.eval.runner import EvalRequest, run_eval
 from tokcomp.methods import merge
-
-
-@pytest.fixture(scope="module")
-def suites_dir(tmp_path_factory):
-    from tokcomp.tiny.tasks import write_eval_splits
-
-    folder = tmp_path_factory.mktemp("tasks")
-    write_eval_splits(folder, n=24, tasks=["tc_shapes"])
-    old = os.environ.get("TOKCOMP_TASKS_DIR")
-    os.environ["TOKCOMP_TASKS_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("TOKCOMP_TASKS_DIR")
-    else:
-        os.environ["TOKCOMP_TASKS_DIR"] = old
 
 
 def _unnormalised_merge(x, sizes, plan):

@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from tokcomp.errors import TokcompError
-from tokcomp.io import atomic_write
 from tokcomp.runs import Run
+from tokcomp.visualize import save_png
 
 FORMATS = ("table", "md", "csv", "html")
 SUFFIX_FORMATS = {".md": "md", ".markdown": "md", ".csv": "csv", ".html": "html", ".htm": "html"}
@@ -317,11 +317,4 @@ def save_plot(table: pd.DataFrame, path: str | Path) -> Path:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(models), 4), frameon=False)
     fig.suptitle("accuracy vs. visual tokens (★ = uncompressed)")
     fig.tight_layout(rect=(0, 0.06 if len(models) > 1 else 0, 1, 1))
-
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    try:
-        return atomic_write(path, write)
-    finally:
-        plt.close(fig)
+    return save_png(fig, path)

@@ -67,6 +67,12 @@ def save_merge_figure(
     axes[2].set_title("tokens after each layer")
     fig.suptitle(title)
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
 
     def write(tmp: Path) -> None:
         fig.savefig(tmp, dpi=110, format="png")
