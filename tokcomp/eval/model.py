@@ -13,7 +13,7 @@ bytes) in ``records``, keyed by (task, doc_id).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
@@ -41,7 +41,6 @@ class SampleRecord:
     kv_bytes: int
     prompt_tokens: int
     output_tokens: int
-    methods: dict = field(default_factory=dict)
 
     @classmethod
     def from_generation(cls, gen: Generation, batch_size: int) -> SampleRecord:
@@ -57,7 +56,6 @@ class SampleRecord:
             kv_bytes=acc.kv_bytes,
             prompt_tokens=acc.prompt_tokens_kept,
             output_tokens=len(gen.token_ids),
-            methods=acc.methods,
         )
 
 

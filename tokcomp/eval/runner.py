@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tokcomp.errors import TokcompError
-from tokcomp.io import atomic_write
+from tokcomp.io import atomic_write_text
 
 SCHEMA = 1
 
@@ -151,16 +151,14 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
         raise TokcompError(f"missing data: {exc}") from None
     if raw is None:
         raise TokcompError("lmms-eval returned no results")
-    results = assemble(raw, model, request, [leaf for p in plans for leaf in p.leaves])
-    samples = results.pop("_samples")
-    lines = "".join(json.dumps(s) + "\n" for s in samples)
-    atomic_write(out_dir / "samples.jsonl", lambda tmp: tmp.write_text(lines))
-    atomic_write(out_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    results, samples = assemble(raw, model, request, [leaf for p in plans for leaf in p.leaves])
+    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
-def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> dict:
-    """results.json's content (plus ``_samples``: the samples.jsonl rows) from lmms-eval's output."""
+def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> tuple[dict, list[dict]]:
+    """results.json's content and the samples.jsonl rows, from lmms-eval's output."""
     tasks, rows = {}, []
     for task in leaves:
         if task not in raw["results"]:
@@ -169,11 +167,11 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> dict:
         primary = metric_names[0] if metric_names else None
         metrics = {}
         for key, value in raw["results"][task].items():
-            name, _, _filter = key.partition(",")
-            if isinstance(value, (int, float)) and not name.endswith("_stderr") and "stderr" not in name:
+            name = key.partition(",")[0]
+            if isinstance(value, (int, float)) and "stderr" not in name:
                 metrics[name] = value
         task_samples = raw.get("samples", {}).get(task, [])
-        scores, full, kept, timings, kv = [], [], [], [], []
+        scores, records = [], []
         for sample in task_samples:
             doc_id = int(sample["doc_id"])
             record = model.records.get((task, doc_id))
@@ -188,10 +186,7 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> dict:
                     "timings": record.timings_ms,
                     "kv_bytes": record.kv_bytes,
                 }
-                full.append(record.visual_full)
-                kept.append(record.visual_kept)
-                timings.append(record.timings_ms)
-                kv.append(record.kv_bytes)
+                records.append(record)
             if score is not None:
                 scores.append(score)
             rows.append(row)
@@ -205,10 +200,15 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> dict:
             "metrics": metrics,
             "samples": len(task_samples),
         }
-        if kept:
-            entry["visual_tokens"] = _token_summary(full, kept)
-            entry["timings"] = {k: round(statistics.median(t[k] for t in timings), 3) for k in timings[0]}
-            entry["memory"] = {"peak_bytes": _peak_bytes(), "kv_bytes": int(statistics.fmean(kv))}
+        if records:
+            entry["visual_tokens"] = _token_summary([r.visual_full for r in records], [r.visual_kept for r in records])
+            entry["timings"] = {
+                key: round(statistics.median(r.timings_ms[key] for r in records), 3) for key in records[0].timings_ms
+            }
+            entry["memory"] = {
+                "peak_bytes": _peak_bytes(),
+                "kv_bytes": int(statistics.fmean(r.kv_bytes for r in records)),
+            }
         tasks[task] = entry
     if not tasks:
         raise TokcompError("lmms-eval produced no results for " + ", ".join(leaves))
@@ -223,8 +223,7 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> dict:
         "versions": _versions(),
         "git_commit": _git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "_samples": rows,
-    }
+    }, rows
 
 
 def _jsonable(value):

@@ -148,7 +148,8 @@ def plan_tasks(names: list[str], data_files: Path | None = None, suites_dir: Pat
 def _expand(manager, name: str) -> list[str]:
     """Leaf tasks of a group or tag, depth first."""
     out = []
-    for sub in manager._get_tasklist(name) if manager._get_tasklist(name) != -1 else _group_tasks(manager, name):
+    listed = manager._get_tasklist(name)
+    for sub in listed if listed != -1 else _group_tasks(manager, name):
         sub_name = sub if isinstance(sub, str) else sub.get("task")
         out += [sub_name] if manager._name_is_task(sub_name) else _expand(manager, sub_name)
     return out

@@ -75,18 +75,17 @@ def _encode_batch(
     the views that per-patch labels describe.
     """
     model = adapter.model.model
-    views, slices, picture_rows = [], [], []
+    views, slices, picture_rows, start = [], [], [], 0
     for units in units_per_item:
         for u in units:
             v = u.views
             shared = u.anyres and v.shape[0] == 2 and torch.equal(v[0], v[1])  # the crop is the base view
-            start = sum(x.shape[0] for x in views)
             views.append(v[:1] if shared else v)
             slices.append((start, v.shape[0], shared))
             picture_rows += list(range(start, start + v.shape[0])) if u.kind == "video" else [start]
+            start += views[-1].shape[0]
     hidden = model.vision_tower(torch.cat(views), output_hidden_states=True).hidden_states[-1]
     projected = model.multi_modal_projector(hidden)
-    per_view = projected
     out, k = [], 0
     for units in units_per_item:
         feats = []
@@ -101,7 +100,7 @@ def _encode_batch(
                 size = torch.tensor([u.image_size])
                 feats.append(model.pack_image_features([f], size, image_newline=model.image_newline)[0][0])
         out.append(feats)
-    return out, per_view, picture_rows
+    return out, projected, picture_rows
 
 
 # Label groups scored on the patches that show something (most patches are empty background).
@@ -123,8 +122,10 @@ class PatchWords:
             name: torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in words])
             for name, words in LABEL_WORDS.items()
         }
-        unknown = [w for ws in LABEL_WORDS.values() for w in ws if tokenizer.convert_tokens_to_ids(w) is None]
-        if unknown or any((ids == tokenizer.unk_token_id).any() for ids in self.word_ids.values()):
+        unknown = [
+            w for ws in LABEL_WORDS.values() for w in ws if tokenizer.convert_tokens_to_ids(w) == tokenizer.unk_token_id
+        ]
+        if unknown:
             raise ValueError(f"label words missing from the vocabulary: {unknown}")
 
     def loss(self, projected: torch.Tensor, embeddings: torch.Tensor, labels: Sequence[dict]) -> torch.Tensor:
