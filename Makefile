@@ -3,25 +3,45 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The CPU build of torch (a local wheel on our machines, the registry elsewhere). lmms-eval pulls a
-# torchvision built for the registry's CUDA torch, which cannot load next to the CPU build, so it is
-# removed again: transformers then uses its PIL image processors, and tokcomp decodes video itself.
+# Everything installs from the committed lock (requirements.lock, hashes included) with uv; torch is
+# installed first by pip at TORCH_VERSION: the CPU build where it lies on disk (our machines), PyPI's
+# CUDA build on a GPU machine (TORCH_SPEC overrides, e.g. a wheel file). lmms-eval's torchvision is
+# left out of the lock: PyPI's build cannot load next to the CPU torch, so transformers uses its PIL
+# image processors and tokcomp decodes video itself. `make lock` re-resolves on purpose.
 TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+UV_VERSION := 0.13.9
+LOCK := requirements.lock
 
-.PHONY: install test lint demo calibrations benchmarks baselines regress readme-results clean-venv
+.PHONY: install lock check-venv test lint demo calibrations benchmarks baselines regress gate-noise readme-results \
+  clean-venv
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile tools/lock.py
+	$(PY) tools/lock.py check-fresh $(LOCK) $(TORCH_VERSION)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[eval,video,dev]"
-	$(BIN)/python -m pip uninstall -q -y torchvision || true
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)" "$(TORCH_SPEC)"
+	$(BIN)/uv pip install -q --python $(BIN)/python --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+	$(BIN)/python tools/lock.py check-venv $(LOCK) --fix
 	touch $(STAMP)
 
-test: install
+# Re-resolve the lock from pyproject.toml (the only way it changes); commit the result with its diff.
+lock:
+	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PY) -m venv $(VENV); $(BIN)/python -m pip install -q "uv==$(UV_VERSION)"; }
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/torch-constraint.txt
+	$(BIN)/uv pip compile pyproject.toml --all-extras --python-version 3.11 --generate-hashes \
+	  $(if $(wildcard /opt/wheels),--find-links /opt/wheels) -c $(VENV)/torch-constraint.txt --no-emit-package torch --no-emit-package torchvision \
+	  --no-header --quiet -o $(LOCK).new
+	$(PY) tools/lock.py stamp $(LOCK).new $(TORCH_VERSION)
+	mv $(LOCK).new $(LOCK)
+
+# Proves the venv holds exactly the lock (CI runs it as part of `make test`).
+check-venv: install
+	$(BIN)/python tools/lock.py check-venv $(LOCK)
+
+test: check-venv
 	$(BIN)/ruff check tokcomp tests
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory regress
