@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 UV_VERSION := 0.13.9
 LOCK := requirements.lock
 
-.PHONY: install lock check-venv test lint demo calibrations benchmarks baselines regress gate-noise readme-results \
+.PHONY: install lock check-venv test lint demo calibrations benchmarks baselines regress gate-runs gate-noise readme-results \
   clean-venv
 
 install: $(STAMP)
@@ -45,6 +45,7 @@ test: check-venv
 	$(BIN)/ruff check tokcomp tests
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory regress
+	$(MAKE) --no-print-directory regress THREADS=1
 
 lint: install
 	$(BIN)/ruff check tokcomp tests
@@ -82,12 +83,25 @@ baselines: install
 	rm -rf $(BASELINES)
 	$(call eval_runs,$(BASELINE_RUNS),$(BASELINES),$(GATE_LIMIT))
 
+# `make regress THREADS=1` runs the gate single-threaded: other numerics, the same verdict (make test runs both).
+THREADS ?=
+GATE_ENV := $(if $(THREADS),OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS))
 regress: install
 	rm -rf results/ci
-	$(call eval_runs,$(GATE_RUNS),results/ci,$(GATE_LIMIT))
+	$(GATE_ENV) $(MAKE) --no-print-directory gate-runs
 	status=0; for run in $(GATE_RUNS); do method=$${run%%:*}; \
 	  $(TOKCOMP) regress --baseline $(BASELINES)/$$method --current results/ci/$$method || status=1; done; \
 	  exit $$status
+
+gate-runs:
+	$(call eval_runs,$(GATE_RUNS),results/ci,$(GATE_LIMIT))
+
+# The gate's noise study: every gated method re-run under other numerics (1 thread, AVX2 kernels, inputs
+# one ulp up) and with a deliberately broken DToMe, each compared with the stored baselines
+# (results/gate-noise/README.md; about 6 minutes).
+gate-noise: install
+	$(BIN)/python tools/gate_noise.py --baselines $(BASELINES) --limit $(GATE_LIMIT) --out results/gate-noise \
+	  $(GATE_RUNS)
 
 # The README's results table and plot: `tokcomp report` over the stored baselines.
 readme-results: install

@@ -32,6 +32,12 @@ def task_entry(
     }
 
 
+def suite_source(task: str, version: int = 2) -> dict[str, Any]:
+    """results.json's record of a built-in suite's documents."""
+    return {"kind": "builtin", "suite": task, "generator_version": version, "path": f"/data/{task}.parquet",
+            "sha256": "0123456789abcdef"}  # fmt: skip
+
+
 def write_run(
     root: Path,
     tasks: dict[str, dict[str, Any]],
@@ -40,8 +46,14 @@ def write_run(
     samples: dict[str, list[float]] | None = None,
     limit: int | None = None,
     name: str | None = None,
+    data: dict[str, dict] | None = None,
+    targets: dict[str, dict[int, str]] | None = None,
+    machine: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a run folder: ``tasks`` as from ``task_entry``; ``samples`` maps a task to per-doc scores."""
+    """Write a run folder: ``tasks`` as from ``task_entry``; ``samples`` maps a task to per-doc scores.
+
+    ``data`` overrides a task's document source (default: the built-in suite, generator v2);
+    ``targets`` a task's per-doc targets (default ``answer<doc_id>``)."""
     root.mkdir(parents=True, exist_ok=True)
     results = {
         "schema": 1,
@@ -51,6 +63,8 @@ def write_run(
         "limit": limit,
         "tasks": tasks,
         "versions": {"tokcomp": "0.1.0", "python": "3.12"},
+        "machine": machine or {"cpu": "AMD EPYC", "torch_threads": 2},
+        "data": {task: suite_source(task) for task in tasks} | (data or {}),
         "git_commit": "0" * 40,
         "date": "2026-11-22T06:00:00Z",
     }
@@ -62,7 +76,7 @@ def write_run(
             row = {
                 "task": task,
                 "doc_id": doc_id,
-                "target": f"answer{doc_id}",
+                "target": (targets or {}).get(task, {}).get(doc_id, f"answer{doc_id}"),
                 "response": f"answer{doc_id}" if score >= 0.5 else f"wrong{doc_id}",
                 "score": score,
                 "visual_tokens": {"full": full, "kept": tasks[task]["visual_tokens"]["mean"]},

@@ -100,11 +100,11 @@ def test_calibration_file_round_trip_and_fields(calibrations, tmp_path):
 
 def test_calibration_is_refused_on_another_encoder(calibrations, llava, llava_ov):
     calib = calibrations["tiny-llava", "low"]
-    calib.check_compatible(llava.num_layers, llava.vision_weights_hash())
+    calib.check_compatible(llava.num_layers, llava.vision_weights_hash(), "float32")
     with pytest.raises(TokcompError, match="other vision weights"):
-        calib.check_compatible(llava_ov.num_layers, llava_ov.vision_weights_hash())
+        calib.check_compatible(llava_ov.num_layers, llava_ov.vision_weights_hash(), "float32")
     with pytest.raises(TokcompError, match="layers"):
-        calib.check_compatible(llava.num_layers + 1, llava.vision_weights_hash())
+        calib.check_compatible(llava.num_layers + 1, llava.vision_weights_hash(), "float32")
 
 
 def test_bad_calibration_files_are_refused(tmp_path):
@@ -133,7 +133,7 @@ def test_stored_calibrations_fit_the_presets(model, llava, llava_ov):
     means = []
     for budget in ("low", "mid", "high"):
         calib = Calibration.load(root / f"{budget}.yaml")
-        calib.check_compatible(adapter.num_layers, adapter.vision_weights_hash())
+        calib.check_compatible(adapter.num_layers, adapter.vision_weights_hash(), "float32")
         assert calib.budget == budget and calib.provenance.model == model
         means.append(calib.achieved.mean)
     assert means == sorted(means)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import platform
 import resource
 import statistics
 from collections.abc import Callable
@@ -27,6 +25,7 @@ import torch
 
 from tokcomp import __version__, flops
 from tokcomp.errors import TokcompError
+from tokcomp.machine import machine_description, machine_info
 from tokcomp.methods.base import Method
 from tokcomp.pipeline import Generation, Pipeline, Request
 
@@ -315,42 +314,6 @@ def _whole_model_kv(account, real_layers: int) -> float:
     if not per_layer:
         return float(account.kv_bytes)
     return float(sum(per_layer) + (real_layers - len(per_layer)) * per_layer[-1])
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    """What the numbers were measured on: CPU, cores, torch threads, versions, GPU if any."""
-    import transformers
-
-    info = {
-        "cpu": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": device.type,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_report(report: dict, path: str | Path) -> Path:

@@ -17,7 +17,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tokcomp.defaults import DEFAULT_FRAMES, DEFAULT_MAX_NEW_TOKENS
 from tokcomp.errors import TokcompError
+from tokcomp.methods.names import METHOD_NAMES
 
 app = typer.Typer(
     add_completion=False,
@@ -29,33 +31,128 @@ out = Console(soft_wrap=True)
 
 
 F = TypeVar("F", bound=Callable[..., None])
+METHOD_HELP = (
+    f"A method ({' | '.join(METHOD_NAMES)}, or a+b) or a preset in configs/ (dymu-mid, dycoke, ...); "
+    "`tokcomp methods` lists them with their settings."
+)
+DTYPE_HELP = "Model dtype: float32 | bfloat16 | float16 (a calibration is used in the dtype it was made in)."
+
+
+# Exit codes: 0 success, 1 regression found (`regress`), 2 bad input or usage, 3 internal error (a bug).
+EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+
+
+class StdoutError(Exception):
+    """Writing standard output failed (a full disk, a closed pipe): not the command's own error."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: its write errors become :class:`StdoutError`, so they are told
+    apart from the command's other OSErrors (and rich does not turn a broken pipe into exit 1)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise StdoutError(exc) from exc
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise StdoutError(exc) from exc
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _silence_stdout(stream) -> None:
+    """After a failed write, send stdout to /dev/null so nothing is retried, not even at interpreter exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())  # the buffered leftovers of `stream` now flush quietly
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture buffer)
+        pass
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the interpreter exits
+
+
+def _exit_code(exc: BaseException | None) -> int:
+    if exc is None:
+        return 0
+    code = exc.exit_code if isinstance(exc, typer.Exit) else exc.code  # type: ignore[attr-defined]
+    return code if isinstance(code, int) else (0 if code is None else 1)
 
 
 def user_errors(command: F) -> F:
-    """User errors become one line on stderr and exit code 2, never a traceback."""
+    """The exit-code contract: user errors become one line on stderr and exit 2, bugs one line and exit 3.
+
+    Standard output is flushed here, so a full disk or a closed pipe is reported (exit 2) or, for a pipe
+    closed by `head` and friends, ignored, instead of failing at interpreter exit.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        stream = sys.stdout
+        sys.stdout = _GuardedStdout(stream)
         try:
-            return command(*args, **kwargs)
-        except typer.Exit:
+            leaving: BaseException | None = None
+            try:
+                result = command(*args, **kwargs)
+            except (typer.Exit, SystemExit) as exc:
+                leaving = exc
+            sys.stdout.flush()
+            if leaving is not None:
+                raise leaving
+            return result
+        except StdoutError as exc:
+            _silence_stdout(stream)
+            if isinstance(exc.error, BrokenPipeError):  # output piped into `head` and friends
+                raise typer.Exit(_exit_code(leaving)) from None
+            raise _fail(f"cannot write to standard output: {exc}", EXIT_USAGE) from None
+        except (typer.Exit, SystemExit):
             raise
         except TokcompError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            raise typer.Exit(2) from None
+            raise _fail(str(exc), EXIT_USAGE) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
-        except BrokenPipeError:  # output piped into `head` and friends
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter shutdown quiet
-            raise typer.Exit(0) from None
         except Exception as exc:
             if os.environ.get("TOKCOMP_DEBUG"):
                 raise
-            print(
-                f"error: internal error ({type(exc).__name__}: {exc}); set TOKCOMP_DEBUG=1 for details", file=sys.stderr
-            )
-            raise typer.Exit(1) from None
+            detail = _one_line(f"{type(exc).__name__}: {exc}")
+            raise _fail(
+                f"internal error ({detail}); this is a bug: set TOKCOMP_DEBUG=1 for the traceback", EXIT_INTERNAL
+            ) from None
+        finally:
+            if isinstance(sys.stdout, _GuardedStdout):
+                sys.stdout = stream
+                try:  # after an error: what was printed before it, or quiet if stdout is gone too
+                    stream.flush()
+                except (OSError, ValueError):
+                    _silence_stdout(stream)
 
     return wrapper  # type: ignore[return-value]
 
@@ -90,7 +187,7 @@ def calibrate(
     num_images: int = typer.Option(None, "--num-images", "-n", help="Use at most N images (after shuffling)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per calibration batch (B in B*r_i)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the image order."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model dtype: float32 | bfloat16 | float16."),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
     token_order: str = typer.Option("spatial", "--token-order", help="spatial | reference (DyMU's layout)."),
 ) -> None:
     """Calibrate per-layer DToMe thresholds so the mean token count meets a budget."""
@@ -151,6 +248,7 @@ def inspect_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Preset name or checkpoint path."),
     calib: Path = typer.Option(..., "--calib", "-c", help="Calibration YAML from `tokcomp calibrate`."),
     out_path: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Draw which patches DToMe merges for one image, and the tokens left after each layer."""
     from tokcomp.config import Calibration
@@ -168,8 +266,8 @@ def inspect_cmd(
     if len(items) != 1:
         raise TokcompError(f"{image} is a folder of {len(items)} images; give one image")
     picture = items[0].load()
-    adapter = load_vlm(model)
-    calibration.check_compatible(adapter.num_layers, adapter.vision_weights_hash(), str(calib))
+    adapter = load_vlm(model, dtype=dtype)
+    calibration.check_compatible(adapter.num_layers, adapter.vision_weights_hash(), dtype, str(calib))
     pixels = adapter.encoder_views([picture])
     encoded = adapter.encode(pixels, ThresholdRule(calibration.thresholds), token_order=calibration.token_order)[0]
     source = encoded.source.numpy()
@@ -206,14 +304,15 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 def apply(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="Preset name or checkpoint path."),
-    method: str = typer.Option("none", "--method", help="none | dymu | dtome | tome, or a preset in configs/."),
+    method: str = typer.Option("none", "--method", help=METHOD_HELP),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction."),
     image: list[str] = typer.Option(None, "--image", "-i", help="Image file(s) or builtin:skimage/NAME."),
     video: str = typer.Option(None, "--video", help="Video file (mp4, ...) or a folder of frames."),
-    frames: int = typer.Option(8, "--frames", help="Frames sampled uniformly from the video."),
+    frames: int = typer.Option(DEFAULT_FRAMES, "--frames", help="Frames sampled uniformly from the video."),
     calib: Path = typer.Option(None, "--calib", "-c", help="Calibration YAML (dymu, dtome)."),
     settings: list[str] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate (greedy)."),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", help="Tokens to generate (greedy)."),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Load a VLM, attach a method, answer one prompt, and account for the visual tokens."""
@@ -221,9 +320,6 @@ def apply(
 
     from tokcomp.data.images import open_image_source
     from tokcomp.data.video import load_video
-    from tokcomp.methods.registry import build_method, parse_sets
-    from tokcomp.models.loading import load_vlm
-    from tokcomp.pipeline import Pipeline, Request
 
     images_spec = list(image or [])
     if ctx.args:
@@ -239,8 +335,13 @@ def apply(
             raise TokcompError(f"{spec} holds {len(items)} images; pass image files")
         pictures.append(items[0].load())
     clip = load_video(video, frames) if video else None
+    # torch and transformers only now: a missing or broken input is reported at once.
+    from tokcomp.methods.registry import build_method, parse_sets
+    from tokcomp.models.loading import load_vlm
+    from tokcomp.pipeline import Pipeline, Request
+
     sets = parse_sets(settings)
-    adapter = load_vlm(model)
+    adapter = load_vlm(model, dtype=dtype)
     chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
     with chosen(adapter):
         result = Pipeline(adapter, chosen).generate([Request(prompt, pictures, clip)], max_new_tokens)[0]
@@ -278,13 +379,13 @@ def bench(
     model: str = typer.Option(
         ..., "--model", "-m", help="Preset, checkpoint path, or a real shape (llava-1.5-7b-shape)."
     ),
-    method: str = typer.Option(..., "--method", help="Method or preset to compare with the plain model."),
+    method: str = typer.Option(..., "--method", help=METHOD_HELP),
     input_spec: str = typer.Option("image", "--input", help="image | images:N | video:FRAMES"),
     calib: Path = typer.Option(None, "--calib", "-c", help="Calibration YAML (dymu, dtome)."),
     settings: list[str] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
     repeat: int = typer.Option(3, "--repeat", help="Measured repetitions (after warm-up)."),
     warmup: int = typer.Option(1, "--warmup", help="Warm-up repetitions, not measured."),
-    max_new_tokens: int = typer.Option(8, "--max-new-tokens", help="Tokens generated per run."),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", help="Tokens generated per run."),
     llm_layers: int = typer.Option(None, "--llm-layers", help="Real shapes: keep only N decoder layers."),
     vision_layers: int = typer.Option(
         None, "--vision-layers", help="Real shapes: keep only N encoder layers (vision time is extrapolated)."
@@ -351,6 +452,42 @@ def bench_md(
         console.print(f"wrote {out_path}")
 
 
+@app.command("methods")
+@user_errors
+def methods_command(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """List every method with its settings and defaults, and every preset in configs/."""
+    import json
+
+    from tokcomp.methods.registry import method_catalog, preset_catalog
+
+    catalog, presets = method_catalog(), preset_catalog()
+    if as_json:
+        payload = {
+            "methods": {m.name: {"summary": m.summary, "settings": {s.name: {"type": s.kind, "default": s.default}
+                                                                    for s in m.settings}} for m in catalog},
+            "presets": {p.name: {"method": p.method, "settings": p.settings, "description": p.description}
+                        for p in presets},
+        }  # fmt: skip
+        print(json.dumps(payload, default=str))
+        return
+    table = Table(title="methods (--method NAME, settings with --set key=value; a+b combines two)")
+    for column in ("method", "what it does", "settings (default)"):
+        table.add_column(column)
+    for m in catalog:
+        settings = ", ".join(f"{s.name}={s.default!r}" for s in m.settings) or "—"
+        table.add_row(m.name, m.summary, settings)
+    _wide_out().print(table)
+    table = Table(title="presets (--method NAME; configs/NAME.yaml)")
+    for column in ("preset", "method", "settings", "description"):
+        table.add_column(column)
+    for p in presets:
+        settings = ", ".join(f"{key}={value!r}" for key, value in p.settings.items()) or "—"
+        table.add_row(p.name, p.method, settings, p.description)
+    _wide_out().print(table)
+
+
 EVAL_TASK_HELP = (
     "Task(s), comma-separated: tc_shapes, tc_text, tc_multi, tc_motion, tc_suites (all four), "
     "textvqa_val, mvbench, videomme or any other lmms-eval task."
@@ -366,17 +503,20 @@ DATA_FILES_HELP = (
 def eval_command(
     task: str = typer.Option(..., "--task", "-t", help=EVAL_TASK_HELP),
     model: str = typer.Option("tokcomp-tiny", "--model", "-m", help="Preset name or checkpoint path."),
-    method: str = typer.Option("none", "--method", help="A method or a preset in configs/ (dymu-mid, dycoke, ...)."),
+    method: str = typer.Option("none", "--method", help=METHOD_HELP),
     calib: Path = typer.Option(None, "--calib", "-c", help="Calibration YAML (dymu, dtome)."),
     settings: list[str] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
     limit: int = typer.Option(None, "--limit", help="Documents per task (default: all)."),
     out_dir: Path = typer.Option(None, "--out", help="Output folder (default results/eval/<model>/<method>)."),
     data_files: Path = typer.Option(None, "--data-files", help=DATA_FILES_HELP),
     batch_size: int = typer.Option(1, "--batch-size", help="Requests per forward (timings are shared in a batch)."),
-    frames: int = typer.Option(16, "--frames", help="Frames sampled from each video file."),
+    frames: int = typer.Option(DEFAULT_FRAMES, "--frames", help="Frames sampled from each video file."),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lmms-eval's own log lines and progress bars."),
 ) -> None:
     """Evaluate a model with a method on lmms-eval tasks; write results.json and samples.jsonl."""
     from tokcomp.eval.runner import EvalRequest, run_eval
+    from tokcomp.io import ensure_writable_dir
     from tokcomp.methods.registry import parse_sets
 
     names = [t.strip() for t in task.split(",") if t.strip()]
@@ -386,9 +526,10 @@ def eval_command(
         raise TokcompError("--batch-size and --frames must be at least 1")
     safe_model = Path(model).name if Path(model).exists() else model
     out_dir = out_dir or Path("results/eval") / safe_model / method.replace("/", "_")
+    ensure_writable_dir(out_dir)  # before the model and lmms-eval load
     request = EvalRequest(
         tasks=names, model=model, method=method, calib=str(calib) if calib else None, settings=parse_sets(settings),
-        limit=limit, data_files=data_files, batch_size=batch_size, frames=frames,
+        limit=limit, data_files=data_files, batch_size=batch_size, frames=frames, dtype=dtype, verbose=verbose,
     )  # fmt: skip
     results = run_eval(request, out_dir, log=lambda m: console.print(m))
     table = Table(title=f"{model} · {method}")

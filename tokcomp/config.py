@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,18 @@ import yaml
 
 from tokcomp.errors import TokcompError
 from tokcomp.io import atomic_write_text
+
+CALIBRATION_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_calibration_dtype(calibrated: str, loaded: str, source: str = "") -> None:
+    """Thresholds hold for the dtype they were measured in: refuse a model loaded in another."""
+    if calibrated != loaded:
+        where = f" {source}" if source else ""
+        raise TokcompError(
+            f"calibration{where} was made with the model in {calibrated}, this model is loaded in {loaded}: "
+            f"pass --dtype {calibrated} or recalibrate with --dtype {loaded}"
+        )
 
 
 @dataclass
@@ -90,15 +103,27 @@ class Calibration:
             raise TokcompError(f"calibration file {path} is malformed: {exc}") from exc
         if len(calib.thresholds) != calib.num_layers or any(math.isnan(t) for t in calib.thresholds):
             raise TokcompError(f"calibration file {path}: need one threshold per layer ({calib.num_layers})")
+        vision_hash = str(calib.provenance.vision_hash or "")
+        if not re.fullmatch(r"[0-9a-f]{16}", vision_hash) or set(vision_hash) == {"0"}:
+            raise TokcompError(
+                f"calibration file {path} has no usable vision hash ({calib.provenance.vision_hash!r}), so it cannot "
+                "be matched to a model: recalibrate"
+            )
+        if calib.provenance.dtype not in CALIBRATION_DTYPES:
+            raise TokcompError(
+                f"calibration file {path}: unknown dtype {calib.provenance.dtype!r} "
+                f"(one of {', '.join(CALIBRATION_DTYPES)})"
+            )
         return calib
 
-    def check_compatible(self, num_layers: int, vision_hash: str, source: str = "") -> None:
-        """Refuse a calibration made for another encoder (layer count or weight hash)."""
+    def check_compatible(self, num_layers: int, vision_hash: str, dtype: str, source: str = "") -> None:
+        """Refuse a calibration made for another encoder (layer count, weight hash) or in another dtype."""
         where = f" ({source})" if source else ""
         if num_layers != self.num_layers:
             raise TokcompError(
                 f"calibration{where} is for an encoder with {self.num_layers} layers, this model has {num_layers}"
             )
+        check_calibration_dtype(self.provenance.dtype, dtype, source)
         if vision_hash != self.provenance.vision_hash:
             raise TokcompError(
                 f"calibration{where} was made for other vision weights ({self.provenance.model}, hash "

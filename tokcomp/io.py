@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -10,24 +11,68 @@ from pathlib import Path
 from tokcomp.errors import TokcompError
 
 
-def ensure_writable(path: str | Path) -> Path:
-    """Create the parent folder if needed and check that a file can be written there, before any work."""
-    path = Path(path)
-    if path.exists() and path.is_dir():
-        raise TokcompError(f"output path {path} is a directory, expected a file")
+def _probe_folder(folder: Path, target: Path) -> None:
+    """Create ``folder`` if needed, create and delete a temporary file in it, then remove the folders made.
+
+    ``os.access`` is not enough: it says yes to root, and under /proc or /sys.
+    """
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise TokcompError(f"cannot write {target}: {candidate} is a file, not a folder")
+            break
+        missing.append(candidate)
+    created: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TokcompError(f"cannot create folder {path.parent}: {exc.strerror or exc}") from exc
-    if not os.access(path.parent, os.W_OK):
-        raise TokcompError(f"cannot write to {path.parent}: permission denied")
+        for candidate in reversed(missing):
+            try:
+                candidate.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: theirs to keep
+                continue
+            except OSError as exc:
+                raise TokcompError(f"cannot create folder {candidate}: {exc.strerror or exc}") from None
+            created.append(candidate)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".tokcomp-probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise TokcompError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    finally:
+        for candidate in reversed(created):
+            with contextlib.suppress(OSError):
+                candidate.rmdir()
+
+
+def ensure_writable(path: str | Path) -> Path:
+    """Check, before any work, that a file can be written at ``path``; leaves nothing behind."""
+    path = Path(path)
+    if path.is_dir():
+        raise TokcompError(f"output path {path} is a directory, expected a file")
+    _probe_folder(path.parent, path)
+    return path
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Check, before any work, that the output folder ``path`` can be created or written; leaves nothing behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TokcompError(f"output folder {path} is a file, expected a folder")
+    _probe_folder(path, path)
     return path
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path``; nothing is left behind on failure."""
-    path = ensure_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    path = Path(path)
+    if path.is_dir():
+        raise TokcompError(f"output path {path} is a directory, expected a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    except OSError as exc:
+        raise TokcompError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -36,8 +81,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk, a folder gone: the machine's trouble, not a bug
+            raise TokcompError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return path
 

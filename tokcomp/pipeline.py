@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -122,6 +124,21 @@ class Batch:
     positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
 
 
+PERTURB_ENV = "TOKCOMP_PERTURB_INPUTS"  # "1": every pixel one ulp up (the gate's noise study, see Makefile)
+
+
+def nudge_one_ulp(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every element moved to the next representable value above it."""
+    return torch.nextafter(x, torch.full_like(x, float("inf")))
+
+
+def _cache_argument(lm: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
+    """The KV cache under the keyword this transformers wants (``cache`` from 5.2x, ``past_key_values``
+    before; the old name warns until its removal in 5.40)."""
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -143,7 +160,11 @@ class Pipeline:
     # --- encode + select ---------------------------------------------------------------------
     def prepare(self, requests: Sequence[Request]) -> list[list]:
         """Preprocess every request's images and video into encoder views (the VLM's own processor)."""
-        return [self.adapter.prepare_units(list(r.images), list(r.video) if r.video else None) for r in requests]
+        units = [self.adapter.prepare_units(list(r.images), list(r.video) if r.video else None) for r in requests]
+        if os.environ.get(PERTURB_ENV) == "1":
+            for unit in (u for req in units for u in req):
+                unit.views = nudge_one_ulp(unit.views)
+        return units
 
     @torch.no_grad()
     def visual_tokens(self, requests: Sequence[Request], units: list[list] | None = None) -> list[list[UnitTokens]]:
@@ -364,6 +385,7 @@ class Pipeline:
         adapter = self.adapter
         lm = adapter.language_model
         cache = DynamicCache(config=lm.config)
+        cache_kwarg = _cache_argument(lm, cache)
         bsz = batch.embeds.shape[0]
         dev = batch.embeds.device
         eos_ids = torch.tensor(self._eos_ids(), dtype=torch.long, device=dev)
@@ -393,7 +415,7 @@ class Pipeline:
         with prefill_context:
             out = lm(
                 inputs_embeds=batch.embeds, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True,
+                use_cache=True, **cache_kwarg,
             )  # fmt: skip
         prefill_logits = logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
         _sync(dev)
@@ -420,7 +442,7 @@ class Pipeline:
                 decode_run.key_valid = attention_mask.bool()
                 out = lm(
                     inputs_embeds=adapter.embed_tokens(token[:, None]), attention_mask=attention_mask,
-                    position_ids=next_positions[:, None], past_key_values=cache, use_cache=True,
+                    position_ids=next_positions[:, None], use_cache=True, **cache_kwarg,
                 )  # fmt: skip
                 next_positions = next_positions + 1
                 logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()

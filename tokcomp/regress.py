@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tokcomp.errors import TokcompError
+from tokcomp.eval.provenance import describe, same_documents
 from tokcomp.runs import Run, Sample, load_run, load_samples
 
 TOLERANCES_NAME = "regress-tolerances.yaml"
@@ -25,11 +26,16 @@ EPS = 1e-9  # a change exactly at the tolerance passes despite float rounding
 
 @dataclass(frozen=True)
 class Tolerance:
-    """What a task may lose: accuracy in absolute fraction points, tokens relatively, flipped samples."""
+    """When a task's loss against its baseline is a regression (see configs/regress-tolerances.yaml).
 
-    accuracy_drop: float = 0.02
+    A drop fails when the paired sign test says it is beyond noise at false-alarm rate ``alpha`` and it
+    is at least ``min_drop``; a drop of ``max_drop`` or more fails whatever the test says.
+    """
+
+    alpha: float = 0.01
+    min_drop: float = 0.025
+    max_drop: float = 0.15
     tokens_rise: float = 0.02
-    max_flips: int = 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ def _tolerance(data: Any, base: Tolerance, where: str) -> Tolerance:
     if data is None:
         return base
     if not isinstance(data, dict):
-        raise TokcompError(f"{where} must be a mapping of accuracy_drop, tokens_rise, max_flips")
+        raise TokcompError(f"{where} must be a mapping of {', '.join(f.name for f in fields(Tolerance))}")
     known = {f.name for f in fields(Tolerance)}
     unknown = sorted(set(map(str, data)) - known)
     if unknown:
@@ -67,11 +73,9 @@ def _tolerance(data: Any, base: Tolerance, where: str) -> Tolerance:
     for key, value in data.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise TokcompError(f"{where}.{key} must be a non-negative number, got {value!r}")
-        if key == "max_flips":
-            if float(value) != int(value):
-                raise TokcompError(f"{where}.max_flips must be a whole number, got {value!r}")
-            value = int(value)
-        values[key] = value if key == "max_flips" else float(value)
+        if key == "alpha" and not 0 < value < 1:
+            raise TokcompError(f"{where}.alpha must be a probability between 0 and 1, got {value!r}")
+        values[key] = float(value)
     return replace(base, **values)
 
 
@@ -124,6 +128,15 @@ class Flip:
     current_score: float
 
 
+def sign_test_p(worse: int, better: int) -> float:
+    """One-sided exact sign test (McNemar's for right/wrong scores): the chance of at least ``worse``
+    losses among the ``worse + better`` pairs that changed, were a loss and a gain equally likely."""
+    changed = worse + better
+    if changed == 0:
+        return 1.0
+    return sum(math.comb(changed, i) for i in range(worse, changed + 1)) / 2**changed
+
+
 @dataclass(frozen=True)
 class TaskComparison:
     """One baseline task against the current run, with the reasons it fails (none = it passes)."""
@@ -134,21 +147,27 @@ class TaskComparison:
     current_score: float | None  # None: the task is missing from the current run
     baseline_tokens: float | None
     current_tokens: float | None
-    flips: list[Flip] = field(default_factory=list)
-    fixes: int = 0  # samples the other way round: baseline wrong, current right
+    flips: list[Flip] = field(default_factory=list)  # right → wrong (score fell by at least FLIP_DROP)
+    worse: int = 0  # paired samples whose score fell
+    better: int = 0  # paired samples whose score rose
     paired: int = 0  # samples found in both runs
     missing_samples: list[int | str] = field(default_factory=list)  # baseline doc_ids absent from current
     failures: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        """Whether nothing regressed beyond tolerance."""
+        """Whether nothing regressed."""
         return not self.failures
 
     @property
     def score_delta(self) -> float | None:
         """current − baseline score, in fraction points."""
         return None if self.current_score is None else self.current_score - self.baseline_score
+
+    @property
+    def p_value(self) -> float:
+        """How likely a loss this lopsided is from noise alone (sign test over the changed pairs)."""
+        return sign_test_p(self.worse, self.better)
 
     @property
     def tokens_change(self) -> float | None:
@@ -181,7 +200,7 @@ class Comparison:
 
 
 def check_comparable(baseline: Run, current: Run) -> None:
-    """Refuse runs of another model, method spec or sample limit: a diff of those would mean nothing."""
+    """Refuse runs of another model, method spec, sample limit or documents: a diff would mean nothing."""
     for what, a, b in (
         ("model", baseline.model, current.model),
         ("method", baseline.spec, current.spec),
@@ -192,14 +211,37 @@ def check_comparable(baseline: Run, current: Run) -> None:
                 f"the runs differ in {what}: baseline {baseline.root} has {a!r}, current {current.root} has {b!r}; "
                 f"compare runs of the same model, method and limit"
             )
+    for task in sorted(set(baseline.tasks) & set(current.tasks)):
+        before, after = baseline.data.get(task), current.data.get(task)
+        for run, source in ((baseline, before), (current, after)):
+            if source is None:
+                raise TokcompError(
+                    f"{run.root} does not record which documents {task} used (made by an older tokcomp): re-run it"
+                )
+        if not same_documents(before, after):
+            raise TokcompError(
+                f"the runs are over different documents for {task}: baseline {describe(before)}, "
+                f"current {describe(after)}"
+            )
 
 
-def _changed_settings(baseline: Run, current: Run) -> list[str]:
-    keys = sorted(set(baseline.settings) | set(current.settings), key=str)
+def check_same_targets(
+    baseline_samples: dict[tuple[str, int | str], Sample], current_samples: dict[tuple[str, int | str], Sample]
+) -> None:
+    """Refuse pairs whose documents differ: the same (task, doc_id) must have the same target."""
+    for key, before in baseline_samples.items():
+        after = current_samples.get(key)
+        if after is not None and after.target != before.target:
+            raise TokcompError(
+                f"{key[0]} doc_id {key[1]!r} has target {before.target!r} in the baseline but {after.target!r} "
+                "in the current run: the runs are over different documents"
+            )
+
+
+def _changed(what: str, before: dict, after: dict) -> list[str]:
+    keys = sorted(set(before) | set(after), key=str)
     return [
-        f"setting {key}: {baseline.settings.get(key)!r} → {current.settings.get(key)!r}"
-        for key in keys
-        if baseline.settings.get(key) != current.settings.get(key)
+        f"{what} {key}: {before.get(key)!r} → {after.get(key)!r}" for key in keys if before.get(key) != after.get(key)
     ]
 
 
@@ -220,7 +262,7 @@ def compare_task(
         )
     flips: list[Flip] = []
     missing: list[int | str] = []
-    fixes = paired = 0
+    worse = better = paired = 0
     for (name, doc_id), before in baseline_samples.items():
         if name != task:
             continue
@@ -229,33 +271,41 @@ def compare_task(
             missing.append(doc_id)
             continue
         paired += 1
-        if before.score - after.score >= FLIP_DROP - EPS:
-            flips.append(Flip(doc_id, before.target, before.response, after.response, before.score, after.score))
-        elif after.score - before.score >= FLIP_DROP - EPS:
-            fixes += 1
+        if after.score < before.score - EPS:
+            worse += 1
+            if before.score - after.score >= FLIP_DROP - EPS:
+                flips.append(Flip(doc_id, before.target, before.response, after.response, before.score, after.score))
+        elif after.score > before.score + EPS:
+            better += 1
     comparison = TaskComparison(
-        task, tolerance, base.score, now.score, base.tokens_mean, now.tokens_mean, flips, fixes, paired, missing
-    )
+        task, tolerance, base.score, now.score, base.tokens_mean, now.tokens_mean, flips, worse, better, paired,
+        missing,
+    )  # fmt: skip
+    return replace(comparison, failures=_failures(comparison, tolerance))
+
+
+def _failures(t: TaskComparison, tolerance: Tolerance) -> list[str]:
     failures = []
-    drop = base.score - now.score
-    if drop > tolerance.accuracy_drop + EPS:
+    drop = -(t.score_delta or 0.0)
+    change = f"{100 * drop:.1f} points ({100 * t.baseline_score:.1f}% → {100 * (t.current_score or 0):.1f}%)"
+    if drop >= tolerance.max_drop - EPS:
+        failures.append(f"accuracy fell {change}, at least the {100 * tolerance.max_drop:.1f} points never allowed")
+    elif t.p_value < tolerance.alpha and drop >= tolerance.min_drop - EPS:
         failures.append(
-            f"accuracy fell {100 * drop:.1f} points ({100 * base.score:.1f}% → {100 * now.score:.1f}%), "
-            f"more than the allowed {100 * tolerance.accuracy_drop:.1f} points"
+            f"accuracy fell {change}: {t.worse} samples worse and {t.better} better, p = {t.p_value:.2g} "
+            f"< alpha {tolerance.alpha:g} (beyond noise)"
         )
-    rise = comparison.tokens_change
+    if t.baseline_tokens is not None and t.current_tokens is None:
+        failures.append("visual tokens not measured in the current run (the baseline measured them)")
+    rise = t.tokens_change
     if rise is not None and rise > tolerance.tokens_rise + EPS:
         failures.append(
-            f"visual tokens rose {100 * rise:.1f}% ({base.tokens_mean:.1f} → {now.tokens_mean:.1f}), "
+            f"visual tokens rose {100 * rise:.1f}% ({t.baseline_tokens:.1f} → {t.current_tokens:.1f}), "
             f"more than the allowed {100 * tolerance.tokens_rise:.1f}%"
         )
-    if len(flips) > tolerance.max_flips:
-        failures.append(
-            f"{len(flips)} samples flipped from right to wrong, more than the allowed {tolerance.max_flips}"
-        )
-    if missing:
-        failures.append(f"{len(missing)} baseline sample(s) missing from the current run")
-    return replace(comparison, failures=failures)
+    if t.missing_samples:
+        failures.append(f"{len(t.missing_samples)} baseline sample(s) missing from the current run")
+    return failures
 
 
 def compare_runs(
@@ -268,16 +318,19 @@ def compare_runs(
 ) -> Comparison:
     """Compare every task of the baseline with the current run (pure: no files read)."""
     check_comparable(baseline, current)
+    check_same_targets(baseline_samples, current_samples)
     tasks = [
         compare_task(task, baseline, current, baseline_samples, current_samples, tolerances.for_task(task))
         for task in sorted(baseline.tasks)
     ]
-    notes = _changed_settings(baseline, current)
+    notes = _changed("setting", baseline.settings, current.settings)
     if baseline.calibration != current.calibration:
         notes.append(f"calibration: {baseline.calibration} → {current.calibration}")
+    notes += _changed("machine", baseline.machine, current.machine)
+    notes += _changed("version", baseline.versions, current.versions)
     for t in tasks:
         if t.current_score is not None and t.paired == 0:
-            notes.append(f"{t.task}: no samples to pair, flips not checked")
+            notes.append(f"{t.task}: no samples to pair, the sign test has nothing to count")
     extra = sorted(set(current.tasks) - set(baseline.tasks))
     return Comparison(baseline, current, tolerances_file, tasks, extra, notes)
 
@@ -315,7 +368,7 @@ def _verdict(ok: bool, improved: bool = False) -> str:
 
 
 def task_table(t: TaskComparison) -> Group:
-    """A rich rendering of one task: score, tokens and flips against the tolerance."""
+    """A rich rendering of one task: score, the paired test, tokens, and the flipped samples."""
     status = "[bold green]PASS[/]" if t.passed else "[bold red]FAIL[/]"
     table = Table(title=f"{escape(t.task)}: {status}", title_justify="left", show_header=True)
     for column in ("check", "baseline", "current", "change", "allowed", "result"):
@@ -325,31 +378,34 @@ def task_table(t: TaskComparison) -> Group:
         table.add_row("accuracy (%)", _pct(t.baseline_score), "missing", "—", "—", _verdict(False))
         return Group(table)
     delta = t.score_delta or 0.0
+    accuracy_failed = any(reason.startswith("accuracy") for reason in t.failures)
     table.add_row(
         "accuracy (%)",
         _pct(t.baseline_score),
         _pct(t.current_score),
         f"{_pct(delta, signed=True)} pts",
-        f"-{100 * tol.accuracy_drop:.1f} pts",
-        _verdict(-delta <= tol.accuracy_drop + EPS, delta > EPS),
+        f"-{100 * tol.max_drop:.1f} pts",
+        _verdict(not accuracy_failed, delta > EPS),
+    )
+    table.add_row(
+        "paired samples: worse / better",
+        str(t.paired),
+        f"{t.worse} / {t.better}",
+        f"p = {t.p_value:.2g}",
+        f"alpha {tol.alpha:g}, ≥{100 * tol.min_drop:.1f} pts",
+        _verdict(not accuracy_failed, t.better > t.worse),
     )
     change = t.tokens_change
+    unmeasured = t.baseline_tokens is not None and t.current_tokens is None
     table.add_row(
         "visual tokens",
         _tokens(t.baseline_tokens),
         _tokens(t.current_tokens),
         "—" if change is None else f"{100 * change:+.1f}%",
         f"+{100 * tol.tokens_rise:.1f}%",
-        "[dim]not measured[/]" if change is None else _verdict(change <= tol.tokens_rise + EPS, change < -EPS),
-    )
-    table.add_row(
-        "flips",
-        "",
-        str(len(t.flips)),
-        f"({t.fixes} fixed)",
-        str(tol.max_flips),
-        _verdict(len(t.flips) <= tol.max_flips, False),
-    )
+        _verdict(False) if unmeasured else "[dim]not measured[/]" if change is None
+        else _verdict(change <= tol.tokens_rise + EPS, change < -EPS),
+    )  # fmt: skip
     if t.missing_samples:
         shown = ", ".join(map(str, t.missing_samples[:SHOWN_FLIPS]))
         more = f" and {len(t.missing_samples) - SHOWN_FLIPS} more" if len(t.missing_samples) > SHOWN_FLIPS else ""

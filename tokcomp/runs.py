@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class Run:
     calibration: str | None
     limit: int | None
     tasks: dict[str, TaskResult]
+    data: dict[str, dict] = field(default_factory=dict)  # per task, where its documents came from
+    machine: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_uncompressed(self) -> bool:
@@ -172,6 +175,15 @@ def load_run(path: str | Path) -> Run:
     if not isinstance(tasks, dict) or not tasks:
         raise TokcompError(f"{file}: 'tasks' must be a non-empty object")
     calibration = data.get("calibration")
+    sources = data.get("data") or {}
+    if not isinstance(sources, dict) or not all(isinstance(v, dict) for v in sources.values()):
+        raise TokcompError(f"{file}: 'data' must be an object of task name to document source")
+    extras = {}
+    for key in ("machine", "versions"):
+        value = data.get(key) or {}
+        if not isinstance(value, dict):
+            raise TokcompError(f"{file}: '{key}' must be an object")
+        extras[key] = value
     return Run(
         root=file.parent,
         results_path=file,
@@ -182,6 +194,8 @@ def load_run(path: str | Path) -> Run:
         calibration=None if calibration is None else str(calibration),
         limit=limit,
         tasks={str(name): _task_result(str(name), value, str(file)) for name, value in tasks.items()},
+        data={str(name): value for name, value in sources.items()},
+        **extras,
     )
 
 

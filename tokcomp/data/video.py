@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from tokcomp.data.images import IMAGE_SUFFIXES, _open_file, _to_rgb
+from tokcomp.defaults import DEFAULT_FRAMES
 from tokcomp.errors import TokcompError
 
 
@@ -20,7 +21,7 @@ def uniform_indices(total: int, count: int) -> list[int]:
     return np.linspace(0, total - 1, count).round().astype(int).tolist()
 
 
-def load_video(path: str | Path, num_frames: int = 8) -> list[Image.Image]:
+def load_video(path: str | Path, num_frames: int = DEFAULT_FRAMES) -> list[Image.Image]:
     """Uniformly sampled RGB frames of a video file or of a folder of frame images."""
     if num_frames < 1:
         raise TokcompError("--frames must be at least 1")

@@ -19,10 +19,10 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from PIL import Image
 
+from tokcomp.defaults import DEFAULT_FRAMES, DEFAULT_MAX_NEW_TOKENS
 from tokcomp.errors import TokcompError
 from tokcomp.pipeline import Generation, Pipeline, Request
 
-DEFAULT_MAX_NEW_TOKENS = 16
 TIMING_KEYS = {
     "vision_ms": "vision",
     "prefill_ms": "prefill",
@@ -96,8 +96,9 @@ class TokcompLMM(lmms):
         method: str = "none",
         calib: str | None = None,
         batch_size: int | str = 1,
-        max_frames_num: int = 16,
+        max_frames_num: int = DEFAULT_FRAMES,
         progress: bool = True,
+        dtype: str = "float32",
         adapter=None,
         device: str | None = None,
         max_batch_size: int | None = None,
@@ -110,7 +111,7 @@ class TokcompLMM(lmms):
         from tokcomp.models.loading import load_vlm
 
         self.model_name = str(pretrained)
-        self.adapter = adapter if adapter is not None else load_vlm(self.model_name)
+        self.adapter = adapter if adapter is not None else load_vlm(self.model_name, dtype=str(dtype))
         if device and str(device).startswith("cuda") and torch.cuda.is_available():
             self.adapter.model.to(device)
         method_settings = {key: str(value) for key, value in settings.items() if value is not None}

@@ -7,18 +7,22 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import platform
+import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tokcomp.defaults import DEFAULT_FRAMES
 from tokcomp.errors import TokcompError
 from tokcomp.io import atomic_write_text
+from tokcomp.machine import machine_info, versions
 
 SCHEMA = 1
 
@@ -33,8 +37,10 @@ class EvalRequest:
     limit: int | None = None
     data_files: Path | None = None
     batch_size: int = 1
-    frames: int = 16
+    frames: int = DEFAULT_FRAMES
+    dtype: str = "float32"
     progress: bool = True
+    verbose: bool = False  # lmms-eval's own log lines and progress bars
 
 
 def sample_score(value) -> float | None:
@@ -74,18 +80,6 @@ def _peak_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for package in ("tokcomp", "torch", "transformers", "lmms_eval"):
-        try:
-            out[package] = version(package.replace("_", "-"))
-        except PackageNotFoundError:
-            out[package] = None
-    return out
-
-
 def _git_commit() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run(
@@ -97,19 +91,56 @@ def _git_commit() -> str | None:
 
 
 def _quiet_lmms_eval() -> None:
-    """lmms-eval logs every step with loguru at INFO; keep warnings and errors only."""
+    """lmms-eval logs every step with loguru at INFO and draws tqdm bars: keep errors only, no bars."""
+    os.environ["TQDM_DISABLE"] = "1"
     with contextlib.suppress(ImportError):
         from loguru import logger
 
         logger.remove()
-        logger.add(sys.stderr, level="WARNING")
-    for name in ("lmms-eval", "datasets", "httpx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger.add(sys.stderr, level="ERROR")
+    for name in ("lmms-eval", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+
+
+def publish_folder(staging: Path, out_dir: Path) -> None:
+    """Move a finished staging folder to ``out_dir`` in one rename; a previous run there is replaced."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old / out_dir.name, out_dir)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_folder(out_dir: Path) -> Path:
+    """An empty hidden folder beside ``out_dir`` to write the run into."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise TokcompError(f"cannot write the run folder {out_dir}: {exc.strerror or exc}") from exc
 
 
 def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
-    """Evaluate, write ``out_dir/results.json`` and ``out_dir/samples.jsonl``, and return the results."""
-    _quiet_lmms_eval()
+    """Evaluate, write ``out_dir/results.json`` and ``out_dir/samples.jsonl``, and return the results.
+
+    Both files are written into a staging folder that replaces ``out_dir`` in one rename: a failed or
+    killed run leaves the previous folder (or none) as it was, never one file of each run.
+    """
+    if not request.verbose:
+        _quiet_lmms_eval()
     from lmms_eval.evaluator import simple_evaluate
 
     from tokcomp.eval.model import TokcompLMM
@@ -129,10 +160,47 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
         batch_size=request.batch_size,
         max_frames_num=request.frames,
         progress=request.progress,
+        dtype=request.dtype,
         **(request.settings or {}),
     )
     configs = [c for p in plans for c in p.configs]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = _data_sources(plans, manager)
+    staging = staging_folder(out_dir)
+    try:
+        results = _evaluate(simple_evaluate, model, configs, manager, request, staging, plans)
+        results["data"] = sources
+        atomic_write_text(staging / "results.json", json.dumps(results, indent=2) + "\n")
+        publish_folder(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return results
+
+
+def _data_sources(plans, manager) -> dict[str, dict]:
+    """Per leaf task, where its documents come from (see tokcomp.eval.provenance)."""
+    from tokcomp.eval.provenance import data_source
+    from tokcomp.eval.tasks import SUITES
+    from tokcomp.tiny.tasks import GENERATOR_VERSION
+
+    sources = {}
+    for plan in plans:
+        # A stock group asked for by name is one config for many leaves: each leaf is its own stock task.
+        configs = plan.configs if len(plan.configs) == len(plan.leaves) else plan.leaves
+        for leaf, config in zip(plan.leaves, configs, strict=True):
+            builtin = isinstance(config, dict) and leaf in SUITES and _is_suite_file(config)
+            sources[leaf] = data_source(leaf, config, manager, GENERATOR_VERSION if builtin else None)
+    return sources
+
+
+def _is_suite_file(config: dict) -> bool:
+    from tokcomp.eval.tasks import suites_data_dir
+
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    return any(Path(p).resolve().is_relative_to(suites_data_dir()) for p in files.values())
+
+
+def _evaluate(simple_evaluate, model, configs, manager, request: EvalRequest, staging: Path, plans) -> dict:
+    """lmms-eval's run, samples.jsonl written into ``staging``; returns results.json's content."""
     try:
         raw = simple_evaluate(
             model=model,
@@ -142,8 +210,8 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
             log_samples=True,
             task_manager=manager,
             batch_size=request.batch_size,
-            cli_args=argparse.Namespace(output_path=str(out_dir), process_with_media=False),
-            verbosity="WARNING",
+            cli_args=argparse.Namespace(output_path=str(staging), process_with_media=False),
+            verbosity="INFO" if request.verbose else "ERROR",
         )
     except SystemExit as exc:  # some stock tasks exit when a video is missing
         raise TokcompError(f"lmms-eval stopped: {exc.code}") from None
@@ -152,8 +220,7 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
     if raw is None:
         raise TokcompError("lmms-eval returned no results")
     results, samples = assemble(raw, model, request, [leaf for p in plans for leaf in p.leaves])
-    atomic_write_text(out_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(staging / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     return results
 
 
@@ -217,10 +284,12 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> tuple
         "model": request.model,
         "method": {"spec": request.method, "name": model.method.name, "settings": _jsonable(model.method.settings())},
         "calibration": request.calib,
+        "dtype": request.dtype,
         "limit": request.limit,
         "batch_size": request.batch_size,
         "tasks": tasks,
-        "versions": _versions(),
+        "versions": versions(),
+        "machine": machine_info(next(model.adapter.model.parameters()).device),
         "git_commit": _git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }, rows

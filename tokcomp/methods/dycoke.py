@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tokcomp.errors import TokcompError
 from tokcomp.methods.attention import AttentionHook
 from tokcomp.methods.base import Method
+from tokcomp.methods.selection import top_k_stable
 from tokcomp.models.visual import UnitTokens, select_positions
 
 if TYPE_CHECKING:
@@ -81,8 +82,10 @@ def ttm_select(frames: torch.Tensor, k: float, window: int = 4, reference: bool 
             out.append(torch.empty(0, dtype=torch.long, device=frames.device))
         else:
             similarity = F.cosine_similarity(frames[f].float(), frames[ref].float(), dim=-1)
-            chosen = similarity.topk(keep, largest=False).indices
-            out.append(chosen if reference else chosen.sort().values)
+            if reference:  # the official code's order: whatever topk returns
+                out.append(similarity.topk(keep, largest=False).indices)
+            else:
+                out.append(top_k_stable(similarity, keep, largest=False).sort().values)
     return out
 
 
@@ -184,7 +187,7 @@ class DynamicPruning(AttentionHook):
             scores = current[b].masked_fill(~self.visual[b], float("-inf"))
             selected = torch.zeros_like(self.visual[b])
             if k > 0:
-                selected[scores.topk(k).indices] = True
+                selected[top_k_stable(scores, k)] = True
             self.keep[b] = selected
         self.reselections += int(drifted.sum())
         self.stable = ~drifted

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+from tokcomp.config import check_calibration_dtype
 from tokcomp.errors import TokcompError
 from tokcomp.methods.base import Method
 from tokcomp.methods.dtome import FixedRRule, MergeRule, ThresholdRule
@@ -25,6 +26,7 @@ class DyMU(Method):
     budget: str | None = None
     calibration: str | None = None
     vision_hash: str | None = None
+    calibration_dtype: str | None = None  # the dtype the calibration was measured in
 
     def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
         return ThresholdRule(self.thresholds)
@@ -43,6 +45,9 @@ class DyMU(Method):
                 f"{self.name} has {len(self.thresholds)} thresholds but {adapter.name}'s encoder has "
                 f"{adapter.num_layers} layers (calibration made for another encoder?)"
             )
+        if self.calibration_dtype is not None:
+            loaded = str(adapter.dtype).removeprefix("torch.")
+            check_calibration_dtype(self.calibration_dtype, loaded, self.calibration or "")
         if self.vision_hash and self.vision_hash != adapter.vision_weights_hash():
             source = self.calibration or "the calibration"
             raise TokcompError(f"{source} was made for other vision weights than {adapter.name}'s: recalibrate")

@@ -57,7 +57,7 @@ class TokenScorer(Method):
         for index, unit in enumerate(tokens):
             keep = max(1, round(self.ratio * unit.full))
             scores = self.score(unit.full_features(), text, index)
-            out.append(select_positions(unit, scores.topk(keep).indices.sort().values))
+            out.append(select_positions(unit, S.top_k_stable(scores, keep).sort().values))
         return out
 
 
@@ -335,7 +335,7 @@ class FastVPruning(AttentionHook):
             k = max(1, round(self.keep * count)) if count else 0
             scores = received[b].masked_fill(~self.visual[b], float("-inf"))
             if k:
-                self.kept[b, scores.topk(k).indices] = True
+                self.kept[b, S.top_k_stable(scores, k)] = True
 
     def decode(self, module, query, key, value, key_valid, scaling):
         if module.layer_idx < self.layer or self.kept is None:

@@ -72,8 +72,23 @@ def _load_preset(spec: str) -> tuple[str, dict[str, Any]]:
     raise TokcompError(f"unknown method '{spec}' (methods: {known}; or a preset in configs/)")
 
 
+def calibration_name(model: str) -> str:
+    """The folder of calib/ that holds a model's stored calibrations: a committed checkpoint by its name
+    whether given by name or path, another checkpoint folder by its folder name, a hub id as it is."""
+    path = Path(model)
+    if not path.exists():
+        return model
+    from tokcomp.models.loading import COMMITTED
+
+    resolved = path.resolve()
+    for name, folder in COMMITTED.items():
+        if resolved == folder.resolve():
+            return name
+    return resolved.name
+
+
 def stored_calibration(model: str, budget: str) -> Path | None:
-    for path in project_paths("calib", model, f"{budget}.yaml"):
+    for path in project_paths("calib", calibration_name(model), f"{budget}.yaml"):
         if path.is_file():
             return path
     return None
@@ -101,6 +116,17 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         except ValueError:
             raise TokcompError(f"setting {key}: expected a number, got '{value}'") from None
     return value
+
+
+def _floats(value: Any, key: str) -> list[float]:
+    """A list of numbers from ``a,b,c`` (``--set``) or a YAML list; ``inf`` allowed."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise TokcompError(f"setting {key}: expected comma-separated numbers, got '{value}'")
+    try:
+        return [float(str(item).strip()) for item in items]
+    except ValueError:
+        raise TokcompError(f"setting {key}: expected comma-separated numbers (or inf), got '{value}'") from None
 
 
 def build_method(
@@ -170,8 +196,8 @@ def _dymu_settings(name: str, settings: dict, model_name: str, num_layers: int, 
     calib = calib or settings.pop("calib", None)
     budget = settings.pop("budget", None)
     threshold = settings.pop("threshold", None)
-    if "thresholds" in settings and isinstance(settings["thresholds"], str):
-        settings["thresholds"] = [float(t) for t in settings["thresholds"].split(",")]
+    if "thresholds" in settings:
+        settings["thresholds"] = _floats(settings["thresholds"], "thresholds")
     if threshold is not None:
         try:
             settings["thresholds"] = [float(threshold)] * num_layers
@@ -188,7 +214,7 @@ def _dymu_settings(name: str, settings: dict, model_name: str, num_layers: int, 
                 raise TokcompError(
                     f"no stored calibration for {model_name} at budget {budget}; make one with: tokcomp calibrate "
                     f"--model {model_name} --budget {budget} --data builtin:skimage "
-                    f"--out calib/{model_name}/{budget}.yaml"
+                    f"--out calib/{calibration_name(model_name)}/{budget}.yaml"
                 )
             calib = str(found)
         calibration = Calibration.load(calib)
@@ -197,6 +223,77 @@ def _dymu_settings(name: str, settings: dict, model_name: str, num_layers: int, 
         settings["budget"] = calibration.budget
         settings["calibration"] = str(calib)
         settings["vision_hash"] = calibration.provenance.vision_hash
+        settings["calibration_dtype"] = calibration.provenance.dtype
     if any(math.isnan(t) for t in settings["thresholds"]):
         raise TokcompError("thresholds must be numbers")
     return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting of a method: its name, type, default and what it does (from the class's comments)."""
+
+    name: str
+    kind: str
+    default: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    summary: str
+    settings: list[Setting]
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    method: str
+    settings: dict[str, Any]
+    description: str
+    path: Path
+
+
+def _kind_name(kind: Any) -> str:
+    text = kind.__name__ if isinstance(kind, type) else str(kind)
+    return text.replace("typing.", "")
+
+
+def method_catalog() -> list[MethodInfo]:
+    """Every method of the registry with its settings and defaults (what `tokcomp methods` prints)."""
+    out = []
+    for name, cls in METHODS.items():
+        hints = typing.get_type_hints(cls)
+        settings = []
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_") or not f.repr:  # state kept between calls, not a setting
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            settings.append(Setting(f.name, _kind_name(hints.get(f.name, f.type)), default))
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")
+        out.append(MethodInfo(name, "the plain model: nothing is compressed" if name == "none" else summary, settings))
+    return out
+
+
+def preset_catalog() -> list[PresetInfo]:
+    """The presets in configs/ (the working directory's first, then the repository's), by name."""
+    found: dict[str, PresetInfo] = {}
+    for folder in project_paths("configs"):
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            if path.stem in found or path.stem == "regress-tolerances":
+                continue
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError:
+                continue
+            if not isinstance(data, dict) or "method" not in data:
+                continue
+            comment = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+            method = str(data.pop("method"))
+            found[path.stem] = PresetInfo(path.stem, method, data, comment, path)
+    return list(found.values())

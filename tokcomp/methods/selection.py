@@ -129,3 +129,23 @@ def crowding_distance(points: torch.Tensor) -> torch.Tensor:
         gaps = (values[order[2:]] - values[order[:-2]]) / span
         distance[order[1:-1]] += gaps
     return distance
+
+
+TIE_BITS = 16  # scores equal in their first 16 mantissa bits (1.5e-5 relative) are a tie
+
+
+def round_mantissa(x: torch.Tensor, bits: int = TIE_BITS) -> torch.Tensor:
+    """``x`` rounded to ``bits`` bits of mantissa; infinities and NaN stay as they are."""
+    mantissa, exponent = torch.frexp(x.float())
+    rounded = torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent)
+    return torch.where(torch.isfinite(x), rounded, x.float())
+
+
+def top_k_stable(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the ``k`` best of 1-D ``scores``, best first, with near-ties going to the lower index.
+
+    Scores that agree to TIE_BITS of mantissa rank as equal, so a last-bit difference between two
+    machines' kernels cannot reorder them; ``topk`` would break such ties by whatever the kernel does.
+    """
+    order = torch.sort(round_mantissa(scores), descending=largest, stable=True).indices
+    return order[:k]
