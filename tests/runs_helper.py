@@ -34,8 +34,8 @@ def task_entry(
 
 def suite_source(task: str, version: int = 2) -> dict[str, Any]:
     """results.json's record of a built-in suite's documents."""
-    return {"kind": "builtin", "suite": task, "generator_version": version, "path": f"/data/{task}.parquet",
-            "sha256": "0123456789abcdef"}  # fmt: skip
+    return {"kind": "builtin", "suite": task, "generator_version": version, "rows": 200,
+            "path": f"/data/{task}.parquet", "sha256": "0123456789abcdef"}  # fmt: skip
 
 
 def write_run(

@@ -99,6 +99,14 @@ def _silence_stdout(stream) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the interpreter exits
 
 
+def _stdout_failed(exc: StdoutError, real, code: int) -> typer.Exit:
+    """The exit for a failed write to stdout: quietly ``code`` for a pipe closed early, else one line and 2."""
+    _silence_stdout(real)
+    if isinstance(exc.error, BrokenPipeError):  # output piped into `head` and friends
+        return typer.Exit(code)
+    return _fail(f"cannot write to standard output: {exc}", EXIT_USAGE)
+
+
 def _exit_code(exc: BaseException | None) -> int:
     if exc is None:
         return 0
@@ -115,10 +123,11 @@ def user_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        stream = sys.stdout
-        sys.stdout = _GuardedStdout(stream)
+        outer = sys.stdout
+        real = outer._stream if isinstance(outer, _GuardedStdout) else outer
+        sys.stdout = _GuardedStdout(real)
+        leaving: BaseException | None = None
         try:
-            leaving: BaseException | None = None
             try:
                 result = command(*args, **kwargs)
             except (typer.Exit, SystemExit) as exc:
@@ -128,10 +137,7 @@ def user_errors(command: F) -> F:
                 raise leaving
             return result
         except StdoutError as exc:
-            _silence_stdout(stream)
-            if isinstance(exc.error, BrokenPipeError):  # output piped into `head` and friends
-                raise typer.Exit(_exit_code(leaving)) from None
-            raise _fail(f"cannot write to standard output: {exc}", EXIT_USAGE) from None
+            raise _stdout_failed(exc, real, _exit_code(leaving)) from None
         except (typer.Exit, SystemExit):
             raise
         except TokcompError as exc:
@@ -148,11 +154,11 @@ def user_errors(command: F) -> F:
             ) from None
         finally:
             if isinstance(sys.stdout, _GuardedStdout):
-                sys.stdout = stream
+                sys.stdout = outer
                 try:  # after an error: what was printed before it, or quiet if stdout is gone too
-                    stream.flush()
+                    real.flush()
                 except (OSError, ValueError):
-                    _silence_stdout(stream)
+                    _silence_stdout(real)
 
     return wrapper  # type: ignore[return-value]
 
@@ -168,6 +174,14 @@ def _progress() -> Progress:
         transient=True,
         disable=not console.is_terminal,
     )
+
+
+def _check_calibration(calib: Path | None) -> None:
+    """A ``--calib`` file is read once up front (cheap), so a bad one is reported before the model loads."""
+    if calib is not None:
+        from tokcomp.config import Calibration
+
+        Calibration.load(calib)
 
 
 def _check_budget_syntax(budget: str) -> None:
@@ -191,17 +205,18 @@ def calibrate(
     token_order: str = typer.Option("spatial", "--token-order", help="spatial | reference (DyMU's layout)."),
 ) -> None:
     """Calibrate per-layer DToMe thresholds so the mean token count meets a budget."""
-    from tokcomp.calibrate import calibrate as run_calibration
-    from tokcomp.calibrate import resolve_budget
     from tokcomp.data.images import open_image_source
     from tokcomp.io import ensure_writable
-    from tokcomp.models.loading import load_vlm
 
     _check_budget_syntax(budget)
     if token_order not in ("spatial", "reference"):
         raise TokcompError(f"unknown token order '{token_order}' (spatial or reference)")
-    ensure_writable(out_path)
+    ensure_writable(out_path, keep_folders=False)
     items = open_image_source(data)
+    from tokcomp.calibrate import calibrate as run_calibration  # torch: only once the input is known good
+    from tokcomp.calibrate import resolve_budget
+    from tokcomp.models.loading import load_vlm
+
     adapter = load_vlm(model, dtype=dtype)
     target = resolve_budget(budget, adapter.num_patches)
     with _progress() as progress:
@@ -254,18 +269,19 @@ def inspect_cmd(
     from tokcomp.config import Calibration
     from tokcomp.data.images import open_image_source
     from tokcomp.io import ensure_writable
-    from tokcomp.methods.dtome import ThresholdRule
-    from tokcomp.models.loading import load_vlm
-    from tokcomp.visualize import save_merge_figure
 
     if out_path.suffix.lower() != ".png":
         raise TokcompError(f"--out must be a .png file, got {out_path}")
-    ensure_writable(out_path)
+    ensure_writable(out_path, keep_folders=False)
     calibration = Calibration.load(calib)
     items = open_image_source(image)
     if len(items) != 1:
         raise TokcompError(f"{image} is a folder of {len(items)} images; give one image")
     picture = items[0].load()
+    from tokcomp.methods.dtome import ThresholdRule  # torch and matplotlib: only once the input is known good
+    from tokcomp.models.loading import load_vlm
+    from tokcomp.visualize import save_merge_figure
+
     adapter = load_vlm(model, dtype=dtype)
     calibration.check_compatible(adapter.num_layers, adapter.vision_weights_hash(), dtype, str(calib))
     pixels = adapter.encoder_views([picture])
@@ -335,6 +351,7 @@ def apply(
             raise TokcompError(f"{spec} holds {len(items)} images; pass image files")
         pictures.append(items[0].load())
     clip = load_video(video, frames) if video else None
+    _check_calibration(calib)
     # torch and transformers only now: a missing or broken input is reported at once.
     from tokcomp.methods.registry import build_method, parse_sets
     from tokcomp.models.loading import load_vlm
@@ -401,7 +418,7 @@ def bench(
 
     parse_input(input_spec)
     if out_path is not None:
-        ensure_writable(out_path)
+        ensure_writable(out_path, keep_folders=False)
     sets = parse_sets(settings)
     adapter = load_vlm(model, llm_layers=llm_layers, vision_layers=vision_layers)
     chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
@@ -444,7 +461,7 @@ def bench_md(
     if not reports:
         raise TokcompError("no reports given: pass the JSON files `tokcomp bench --out` wrote")
     if out_path is not None:
-        ensure_writable(out_path)
+        ensure_writable(out_path, keep_folders=False)
     text = write_benchmarks(reports, out_path)
     if out_path is None:
         sys.stdout.write(text)
@@ -515,9 +532,10 @@ def eval_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lmms-eval's own log lines and progress bars."),
 ) -> None:
     """Evaluate a model with a method on lmms-eval tasks; write results.json and samples.jsonl."""
-    from tokcomp.eval.runner import EvalRequest, run_eval
+    if not verbose:  # tqdm reads this when it is imported, so before lmms-eval and datasets are
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    from tokcomp.eval.tasks import precheck_data_files
     from tokcomp.io import ensure_writable_dir
-    from tokcomp.methods.registry import parse_sets
 
     names = [t.strip() for t in task.split(",") if t.strip()]
     if not names:
@@ -526,7 +544,13 @@ def eval_command(
         raise TokcompError("--batch-size and --frames must be at least 1")
     safe_model = Path(model).name if Path(model).exists() else model
     out_dir = out_dir or Path("results/eval") / safe_model / method.replace("/", "_")
-    ensure_writable_dir(out_dir)  # before the model and lmms-eval load
+    # Bad input is reported before torch, lmms-eval and the model load (seconds each).
+    ensure_writable_dir(out_dir)
+    precheck_data_files(names, data_files)
+    _check_calibration(calib)
+    from tokcomp.eval.runner import EvalRequest, run_eval
+    from tokcomp.methods.registry import parse_sets
+
     request = EvalRequest(
         tasks=names, model=model, method=method, calib=str(calib) if calib else None, settings=parse_sets(settings),
         limit=limit, data_files=data_files, batch_size=batch_size, frames=frames, dtype=dtype, verbose=verbose,
@@ -559,7 +583,7 @@ def report(
     out_path: Path = typer.Option(None, "--out", "-o", help="Write the md / csv / html report here, not to stdout."),
 ) -> None:
     """Runs side by side: accuracy, visual tokens and speed against the uncompressed run of each task."""
-    from tokcomp.io import atomic_write_text, ensure_writable
+    from tokcomp.io import ensure_writable, write_all
     from tokcomp.report import build_table, mismatched_samples, render, resolve_format, rich_table, save_plot
     from tokcomp.runs import load_run
 
@@ -569,9 +593,9 @@ def report(
     if plot is not None:
         if plot.suffix.lower() != ".png":
             raise TokcompError(f"--plot must be a .png file, got {plot}")
-        ensure_writable(plot)
+        ensure_writable(plot, keep_folders=False)
     if out_path is not None:
-        ensure_writable(out_path)
+        ensure_writable(out_path, keep_folders=False)
     table = build_table([load_run(path) for path in results])
     for note in mismatched_samples(table):
         console.print(f"[yellow]warning: {escape(note)}[/]", soft_wrap=True)
@@ -582,12 +606,15 @@ def report(
     elif out_path is None:
         sys.stdout.write(render(table, chosen))
         sys.stdout.flush()
-    else:
-        atomic_write_text(out_path, render(table, chosen))
-        status.print(f"wrote {out_path}")
+    outputs = []  # the document and the plot are written all or none
+    if out_path is not None:
+        document = render(table, chosen)
+        outputs.append((out_path, lambda tmp: tmp.write_text(document, encoding="utf-8")))
     if plot is not None:
-        save_plot(table, plot)
-        status.print(f"wrote {plot}")
+        outputs.append((plot, lambda tmp: save_plot(table, tmp)))
+    write_all(outputs)
+    for path, _ in outputs:
+        status.print(f"wrote {path}")
 
 
 @app.command()
@@ -604,8 +631,13 @@ def regress(
     from tokcomp.regress import regress as compare
 
     comparison = compare(baseline, current, tolerances)
-    print_comparison(comparison, _wide_out())
-    raise typer.Exit(0 if comparison.passed else 1)
+    code = 0 if comparison.passed else 1
+    try:
+        print_comparison(comparison, _wide_out())
+    except StdoutError as exc:  # piped into `head`: the verdict, not the pipe, decides the exit code
+        if not isinstance(exc.error, BrokenPipeError):
+            raise
+    raise typer.Exit(code)
 
 
 _FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -632,8 +664,16 @@ def train_tiny(ctx: typer.Context) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point; stdout failing outside a command (``--help``) is handled as in one."""
+    real = sys.stdout
+    sys.stdout = _GuardedStdout(real)
+    try:
+        app()
+    except StdoutError as exc:
+        raise SystemExit(_stdout_failed(exc, real, 0).exit_code) from None
+    finally:
+        if isinstance(sys.stdout, _GuardedStdout):
+            sys.stdout = real
 
 
 if __name__ == "__main__":

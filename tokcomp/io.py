@@ -11,8 +11,9 @@ from pathlib import Path
 from tokcomp.errors import TokcompError
 
 
-def _probe_folder(folder: Path, target: Path) -> None:
-    """Create ``folder`` if needed, create and delete a temporary file in it, then remove the folders made.
+def _probe_folder(folder: Path, target: Path, keep_folders: bool = False) -> None:
+    """Create ``folder`` if needed and create and delete a temporary file in it; then remove the folders it
+    made unless ``keep_folders``.
 
     ``os.access`` is not enough: it says yes to root, and under /proc or /sys.
     """
@@ -38,19 +39,26 @@ def _probe_folder(folder: Path, target: Path) -> None:
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise TokcompError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+            raise TokcompError(f"cannot write {target}: {folder} takes no new files ({exc.strerror or exc})") from None
+    except BaseException:
+        keep_folders = False
+        raise
     finally:
-        for candidate in reversed(created):
+        for candidate in [] if keep_folders else reversed(created):
             with contextlib.suppress(OSError):
                 candidate.rmdir()
 
 
-def ensure_writable(path: str | Path) -> Path:
-    """Check, before any work, that a file can be written at ``path``; leaves nothing behind."""
+def ensure_writable(path: str | Path, keep_folders: bool = True) -> Path:
+    """Check, before any work, that a file can be written at ``path`` (by writing a temporary file there).
+
+    The parent folders it had to create stay, for a writer to use, unless ``keep_folders`` is false (a
+    check up front: then nothing is left behind).
+    """
     path = Path(path)
     if path.is_dir():
         raise TokcompError(f"output path {path} is a directory, expected a file")
-    _probe_folder(path.parent, path)
+    _probe_folder(path.parent, path, keep_folders)
     return path
 
 
@@ -91,3 +99,26 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_all(outputs: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """Write several files as a unit: each ``write(tmp)`` beside its target first, then all renamed.
+
+    A failure in any writer leaves none of the targets changed and no temporary file behind.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in outputs:
+            path = ensure_writable(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=path.parent)
+            os.close(fd)
+            staged.append((Path(tmp), path))
+            write(Path(tmp))
+        for tmp, path in staged:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)

@@ -322,6 +322,24 @@ class Pipeline:
                     f"this request has only {' and '.join(sorted(set(request_kinds)))}"
                 )
 
+    def _check_length(self, spliced: Sequence[Spliced], max_new_tokens: int) -> None:
+        """The stock sequence (the prompt with every visual token) and the answer must fit the LLM's positions.
+
+        Checked on the stock length whatever the method, so a method never changes which requests fit.
+        """
+        limit = getattr(self.adapter.language_model.config, "max_position_embeddings", None)
+        if not limit:
+            return
+        for s in spliced:
+            acc = s.account
+            needed = acc.prompt_tokens_full + max_new_tokens
+            if needed > limit:
+                raise TokcompError(
+                    f"the prompt is {acc.prompt_tokens_full} tokens ({acc.visual_full} visual) and {max_new_tokens} "
+                    f"new tokens are asked for: {needed} positions, more than the {limit} of "
+                    f"{self.adapter.name} (max_position_embeddings); shorten the prompt or use fewer images or frames"
+                )
+
     def _generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[Generation]:
         dev = self.device
         _sync(dev)
@@ -339,6 +357,7 @@ class Pipeline:
         t_sel = time.perf_counter()
         merge_s = (self.adapter.merging.seconds if self.adapter.merging is not None else 0.0) - merge_before
         spliced = [self.splice(r, u, k) for r, u, k in zip(requests, unit_tokens, kinds, strict=True)]
+        self._check_length(spliced, max_new_tokens)
         batch = self.collate(spliced)
         use_vtu = self.method.uses_vtu and (self.vtu_on_identity or not all(s.is_identity for s in spliced))
 

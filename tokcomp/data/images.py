@@ -11,6 +11,7 @@ Source strings:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +58,15 @@ class ImageItem:
 
     def load(self) -> Image.Image:
         try:
-            image = self.loader()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise TokcompError(f"cannot read image {self.name}: {exc}") from exc
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = self.loader()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise TokcompError(f"image {self.name} is too large to decode safely: {_one_line(exc)}") from None
+        except UnidentifiedImageError:
+            raise TokcompError(f"cannot read image {self.name}: not an image file PIL can identify") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise TokcompError(f"cannot read image {self.name}: {_one_line(exc)}") from exc
         return _to_rgb(image)
 
 
@@ -85,9 +92,19 @@ def _skimage_item(name: str) -> ImageItem:
 
 
 def _open_file(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
+    """Decode an image file; one past PIL's decompression-bomb limit is refused, not decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise TokcompError(f"image {path} is too large to decode safely: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def _folder_items(folder: Path) -> list[ImageItem]:

@@ -50,17 +50,21 @@ def data_source(task: str, config: dict | str, manager, builtin_version: int | N
     path = _local_path(config)
     source = {"kind": "files", "path": str(path), "sha256": content_hash(path)}
     if builtin_version is not None:
-        source |= {"kind": "builtin", "suite": task, "generator_version": builtin_version}
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(path).metadata.num_rows
+        source |= {"kind": "builtin", "suite": task, "generator_version": builtin_version, "rows": rows}
     return source
 
 
 def same_documents(a: dict | None, b: dict | None) -> bool:
-    """Whether two recorded sources hold the same documents (a suite: the same generator version; local
-    files: the same content, wherever they lie; a hub dataset: the same name, subset, split and revision)."""
+    """Whether two recorded sources hold the same documents (a suite: the same generator version and split
+    size, so that a Pillow or pyarrow upgrade that re-encodes the same pixels still pairs; local files:
+    the same content, wherever they lie; a hub dataset: the same name, subset, split and revision)."""
     if a is None or b is None or a.get("kind") != b.get("kind"):
         return False
     if a["kind"] == "builtin":
-        return a.get("suite") == b.get("suite") and a.get("generator_version") == b.get("generator_version")
+        return all(a.get(key) == b.get(key) for key in ("suite", "generator_version", "rows"))
     if a["kind"] == "files":
         return a.get("sha256") == b.get("sha256")
     return all(a.get(key) == b.get(key) for key in ("dataset", "name", "revision", "split"))
@@ -71,7 +75,7 @@ def describe(source: dict | None) -> str:
     if source is None:
         return "not recorded"
     if source.get("kind") == "builtin":
-        return f"built-in suite {source.get('suite')} v{source.get('generator_version')}"
+        return f"built-in suite {source.get('suite')} v{source.get('generator_version')} ({source.get('rows')} rows)"
     if source.get("kind") == "files":
         return f"{source.get('path')} (sha256 {source.get('sha256')})"
     revision = source.get("revision") or "unpinned revision"

@@ -91,8 +91,7 @@ def _git_commit() -> str | None:
 
 
 def _quiet_lmms_eval() -> None:
-    """lmms-eval logs every step with loguru at INFO and draws tqdm bars: keep errors only, no bars."""
-    os.environ["TQDM_DISABLE"] = "1"
+    """lmms-eval logs every step with loguru at INFO: keep errors only (its tqdm bars: see the CLI)."""
     with contextlib.suppress(ImportError):
         from loguru import logger
 

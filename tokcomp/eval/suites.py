@@ -12,6 +12,10 @@ from PIL import Image
 
 from tokcomp.tiny.tasks import multi_image_prompt, normalize_answer
 
+# Fields the hooks below read: every document has these, and its pictures in one of VISUAL_COLUMNS.
+DOC_COLUMNS = ("task", "question", "answer")
+VISUAL_COLUMNS = ("images", "video")
+
 
 def _decode(png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokcomp.errors import TokcompError
+from tokcomp.eval.documents import check_documents
 from tokcomp.tiny import TASKS as SUITES
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -102,11 +103,38 @@ def _leaf_config(manager, name: str, data_path: Path | None, suites_dir: Path) -
     config = manager._get_config(name)
     if name in SUITES:
         path = data_path or suites_dir / name / "eval.parquet"
-        return {"task": name, **_data_override(config, path)}
+        override = _data_override(config, path)
+        if data_path is not None:  # the default files are written (and rewritten) by ensure_suite_files
+            _check_suite_documents(data_path, config, name)
+        return {"task": name, **override}
     if data_path is None:
         return name
     _check_media(config, name)
-    return {"task": name, **_data_override(config, data_path)}
+    override = _data_override(config, data_path)
+    check_documents(data_path, config, name)
+    return {"task": name, **override}
+
+
+def _check_suite_documents(path: Path, config: dict, name: str) -> None:
+    from tokcomp.eval.suites import DOC_COLUMNS, VISUAL_COLUMNS
+
+    check_documents(path, config, name, columns=(*DOC_COLUMNS, VISUAL_COLUMNS), hooks=True)
+
+
+def precheck_data_files(names: list[str], data_files: Path | None) -> None:
+    """The checks of ``plan_tasks`` that need no lmms-eval (seconds to import): a suite's ``--data-files``."""
+    if data_files is None:
+        return
+    if not data_files.exists():
+        raise TokcompError(f"--data-files {data_files} does not exist")
+    if len(names) != 1 or names[0] not in SUITES:
+        return
+    from tokcomp.eval import suites
+
+    # What tasks/tc_*.yaml say; plan_tasks checks again against the configs lmms-eval reads.
+    config = {"test_split": "test", "doc_to_visual": suites.doc_to_visual, "doc_to_text": suites.doc_to_text}
+    _data_override(config, data_files)
+    _check_suite_documents(data_files, config, names[0])
 
 
 def plan_tasks(names: list[str], data_files: Path | None = None, suites_dir: Path | None = None, manager=None):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers import logging as hf_logging
 
@@ -43,6 +45,20 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     return name, False
 
 
+def _check_checkpoint(folder: Path, name: str) -> None:
+    """A local checkpoint's config.json names a supported model type (read before any weights load)."""
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokcompError(f"cannot read {config_file}: {exc}") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in ADAPTERS:
+        found = f"model type '{model_type}'" if model_type else "no model_type"
+        supported = ", ".join(ADAPTERS)
+        raise TokcompError(f"model {name} is not supported: its config.json has {found} (supported: {supported})")
+
+
 def load_vlm(
     name: str,
     dtype: str = "float32",
@@ -74,6 +90,8 @@ def load_vlm(
     if llm_layers is not None or vision_layers is not None:
         raise TokcompError("--llm-layers and --vision-layers apply to the real-shape presets only")
     path, local = resolve_model_path(name)
+    if local:
+        _check_checkpoint(Path(path), name)
     offline = not local and os.environ.get("TOKCOMP_ALLOW_DOWNLOAD") != "1"
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -93,6 +111,8 @@ def load_vlm(
     except OSError as exc:
         hint = "" if local else " (no network: the model must be in the local Hugging Face cache)"
         raise TokcompError(f"cannot load model '{name}'{hint}: {str(exc).splitlines()[0]}") from exc
+    except (SafetensorError, ValueError) as exc:  # a damaged or inconsistent checkpoint
+        raise TokcompError(f"cannot load model '{name}' (damaged checkpoint?): {str(exc).splitlines()[0]}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()

@@ -31,6 +31,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from tokcomp.errors import TokcompError
 from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
 
 # LLaVA-1.5's conversation format, for both tiny families ("USER: <image>\n... ASSISTANT:").
@@ -173,8 +174,14 @@ def ensure_preset(name: str) -> Path:
     path = preset_path(name)
     if (path / "config.json").exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise TokcompError(
+            f"cannot build preset {name} in TOKCOMP_HOME={cache_root()} ({path.parent}: {exc.strerror or exc}); "
+            "point TOKCOMP_HOME at a writable folder"
+        ) from None
     try:
         build_preset(name, tmp)
         try:
