@@ -197,3 +197,16 @@ def test_report_writes_its_document_and_plot_all_or_none(tmp_path, capsys, monke
     code, _, err = run_tokcomp(["report", str(run), "--out", str(document), "--plot", str(plot)], capsys)
     assert code == 0, err
     assert document.read_text().startswith("|") and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_normal_eval_is_quiet_and_verbose_shows_lmms_eval(suites_dir, tmp_path):
+    tokcomp = Path(sys.executable).parent / "tokcomp"
+    argv = [str(tokcomp), "eval", "--task", "tc_shapes", "--limit", "2", "--out", str(tmp_path / "run")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # the one status line (rich may wrap it), no lmms-eval log, progress bar or FutureWarning
+    assert " ".join(done.stderr.split()) == f"wrote {tmp_path / 'run' / 'results.json'} and " + str(
+        tmp_path / "run" / "samples.jsonl"
+    )
+    verbose = subprocess.run([*argv, "--verbose"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert verbose.returncode == 0 and "it/s" in verbose.stderr

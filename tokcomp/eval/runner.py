@@ -106,6 +106,24 @@ def _quiet_lmms_eval() -> None:
         datasets.logging.set_verbosity_error()
 
 
+@contextlib.contextmanager
+def _without_lmms_eval_bars():
+    """lmms-eval's evaluator draws its own tqdm bars whatever TQDM_DISABLE says: switch them off while it runs."""
+    import lmms_eval.evaluator as evaluator
+
+    original = evaluator.tqdm
+
+    def quiet(*args, **kwargs):
+        kwargs["disable"] = True
+        return original(*args, **kwargs)
+
+    evaluator.tqdm = quiet
+    try:
+        yield
+    finally:
+        evaluator.tqdm = original
+
+
 def publish_folder(staging: Path, out_dir: Path) -> None:
     """Move a finished staging folder to ``out_dir`` in one rename; a previous run there is replaced."""
     old = None
@@ -200,18 +218,20 @@ def _is_suite_file(config: dict) -> bool:
 
 def _evaluate(simple_evaluate, model, configs, manager, request: EvalRequest, staging: Path, plans) -> dict:
     """lmms-eval's run, samples.jsonl written into ``staging``; returns results.json's content."""
+    bars = contextlib.nullcontext() if request.verbose else _without_lmms_eval_bars()
     try:
-        raw = simple_evaluate(
-            model=model,
-            tasks=configs,
-            limit=request.limit,
-            bootstrap_iters=0,
-            log_samples=True,
-            task_manager=manager,
-            batch_size=request.batch_size,
-            cli_args=argparse.Namespace(output_path=str(staging), process_with_media=False),
-            verbosity="INFO" if request.verbose else "ERROR",
-        )
+        with bars:
+            raw = simple_evaluate(
+                model=model,
+                tasks=configs,
+                limit=request.limit,
+                bootstrap_iters=0,
+                log_samples=True,
+                task_manager=manager,
+                batch_size=request.batch_size,
+                cli_args=argparse.Namespace(output_path=str(staging), process_with_media=False),
+                verbosity="INFO" if request.verbose else "ERROR",
+            )
     except SystemExit as exc:  # some stock tasks exit when a video is missing
         raise TokcompError(f"lmms-eval stopped: {exc.code}") from None
     except FileNotFoundError as exc:
