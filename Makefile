@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 LOCK := requirements.lock
 
 .PHONY: install lock check-venv test lint demo calibrations benchmarks baselines regress gate-runs gate-noise readme-results \
-  clean-venv
+  gpu-check clean-venv
 
 install: $(STAMP)
 
@@ -135,6 +135,23 @@ benchmarks: install
 	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 2 --vision-layers 4 --method adaptive-20 --input images:4 \
 	  --repeat 3 --out $(BENCH_DIR)/adaptive-20.json
 	$(BIN)/tokcomp bench-md $(BENCH_CASES:%=$(BENCH_DIR)/%.json) --out BENCHMARKS.md
+
+# On a CUDA machine (after `make install`, which brings PyPI's CUDA torch there): the tests that take a
+# device, run on the GPU, then `tokcomp bench` with every layer of the real shapes in bfloat16, into
+# results/bench/gpu/ with its own BENCHMARKS.md. Refuses clearly where there is no CUDA.
+GPU_BENCH := $(BIN)/tokcomp bench --device cuda --dtype bfloat16 --max-new-tokens 16 --warmup 2 --repeat 5
+gpu-check: install
+	@$(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else \
+	  'error: make gpu-check needs a CUDA GPU and a CUDA build of torch (this one: ' + torch.__version__ + ')')"
+	TOKCOMP_TEST_DEVICE=cuda $(BIN)/python -m pytest -q tests/test_devices.py
+	$(BIN)/tokcomp calibrate --model llava-1.5-7b-shape --budget low --data builtin:skimage --device cuda \
+	  --dtype bfloat16 --out results/bench/gpu/llava-1.5-7b-shape-low-bf16.yaml
+	$(GPU_BENCH) --model llava-1.5-7b-shape --method dymu --calib results/bench/gpu/llava-1.5-7b-shape-low-bf16.yaml \
+	  --input image --out results/bench/gpu/dymu-low.json
+	$(GPU_BENCH) --model llava-ov-7b-shape --method dycoke --input video:32 --out results/bench/gpu/dycoke.json
+	$(GPU_BENCH) --model llava-ov-7b-shape --method adaptive-20 --input images:4 --out results/bench/gpu/adaptive-20.json
+	$(BIN)/tokcomp bench-md results/bench/gpu/dymu-low.json results/bench/gpu/dycoke.json \
+	  results/bench/gpu/adaptive-20.json --out results/bench/gpu/BENCHMARKS.md
 
 clean-venv:
 	rm -rf $(VENV)

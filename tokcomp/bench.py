@@ -132,7 +132,8 @@ def _peak_child(
     from tokcomp.models.loading import load_vlm
 
     torch.set_num_threads(1)
-    adapter = load_vlm(model, llm_layers=layers[0], vision_layers=layers[1])
+    adapter = load_vlm(model, dtype=method_spec.get("dtype", "auto"), llm_layers=layers[0], vision_layers=layers[1],
+                       device="cpu")  # fmt: skip
     method = build_method(method_spec["spec"], model, adapter.num_layers, method_spec["calib"], method_spec["sets"])
     request = make_request(parse_input(input_spec), "describe what you see .")
     before = _status_bytes("VmRSS")

@@ -157,7 +157,7 @@ def calibrate(
             vision_hash=adapter.vision_weights_hash(),
             encoder=adapter.encoder_class,
             data=data_source,
-            dtype=str(adapter.dtype).replace("torch.", ""),
+            dtype=adapter.dtype_name,
             tokcomp_version=__version__,
             date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             seed=seed,

@@ -35,7 +35,12 @@ METHOD_HELP = (
     f"A method ({' | '.join(METHOD_NAMES)}, or a+b) or a preset in configs/ (dymu-mid, dycoke, ...); "
     "`tokcomp methods` lists them with their settings."
 )
-DTYPE_HELP = "Model dtype: float32 | bfloat16 | float16 (a calibration is used in the dtype it was made in)."
+DTYPE_HELP = (
+    "auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16 | float16; a calibration is used in the "
+    "dtype it was made in."
+)
+DEVICE_HELP = "auto (the first GPU if there is one, else the CPU) | cpu | cuda | cuda:N."
+DEVICE_MAP_HELP = "Spread a model too large for one GPU over all GPUs (accelerate): auto | balanced | sequential."
 
 
 # Exit codes: 0 success, 1 regression found (`regress`), 2 bad input or usage, 3 internal error (a bug).
@@ -201,7 +206,9 @@ def calibrate(
     num_images: int = typer.Option(None, "--num-images", "-n", help="Use at most N images (after shuffling)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per calibration batch (B in B*r_i)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the image order."),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     token_order: str = typer.Option("spatial", "--token-order", help="spatial | reference (DyMU's layout)."),
 ) -> None:
     """Calibrate per-layer DToMe thresholds so the mean token count meets a budget."""
@@ -217,7 +224,7 @@ def calibrate(
     from tokcomp.calibrate import resolve_budget
     from tokcomp.models.loading import load_vlm
 
-    adapter = load_vlm(model, dtype=dtype)
+    adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
     target = resolve_budget(budget, adapter.num_patches)
     with _progress() as progress:
         tasks: dict[str, int] = {}
@@ -263,7 +270,9 @@ def inspect_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Preset name or checkpoint path."),
     calib: Path = typer.Option(..., "--calib", "-c", help="Calibration YAML from `tokcomp calibrate`."),
     out_path: Path = typer.Option(..., "--out", "-o", help="PNG to write."),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
 ) -> None:
     """Draw which patches DToMe merges for one image, and the tokens left after each layer."""
     from tokcomp.config import Calibration
@@ -282,8 +291,8 @@ def inspect_cmd(
     from tokcomp.models.loading import load_vlm
     from tokcomp.visualize import save_merge_figure
 
-    adapter = load_vlm(model, dtype=dtype)
-    calibration.check_compatible(adapter.num_layers, adapter.vision_weights_hash(), dtype, str(calib))
+    adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
+    calibration.check_compatible(adapter.num_layers, adapter.vision_weights_hash(), adapter.dtype_name, str(calib))
     pixels = adapter.encoder_views([picture])
     encoded = adapter.encode(pixels, ThresholdRule(calibration.thresholds), token_order=calibration.token_order)[0]
     source = encoded.source.numpy()
@@ -328,7 +337,9 @@ def apply(
     calib: Path = typer.Option(None, "--calib", "-c", help="Calibration YAML (dymu, dtome)."),
     settings: list[str] = typer.Option(None, "--set", help="Method setting key=value (repeatable)."),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, "--max-new-tokens", help="Tokens to generate (greedy)."),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Load a VLM, attach a method, answer one prompt, and account for the visual tokens."""
@@ -358,7 +369,7 @@ def apply(
     from tokcomp.pipeline import Pipeline, Request
 
     sets = parse_sets(settings)
-    adapter = load_vlm(model, dtype=dtype)
+    adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
     chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
     with chosen(adapter):
         result = Pipeline(adapter, chosen).generate([Request(prompt, pictures, clip)], max_new_tokens)[0]
@@ -409,6 +420,8 @@ def bench(
     ),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="CPU: measure peak RSS in fresh processes."),
     out_path: Path = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Latency, memory, KV cache and FLOPs of a method against the plain model, in the same run."""
     from tokcomp.bench import cpu_peaks, parse_input, run_bench, write_report
@@ -420,10 +433,10 @@ def bench(
     if out_path is not None:
         ensure_writable(out_path, keep_folders=False)
     sets = parse_sets(settings)
-    adapter = load_vlm(model, llm_layers=llm_layers, vision_layers=vision_layers)
+    adapter = load_vlm(model, dtype=dtype, llm_layers=llm_layers, vision_layers=vision_layers, device=device)
     chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
     chosen.check(adapter)
-    method_args = {"spec": method, "calib": str(calib) if calib else None, "sets": sets}
+    method_args = {"spec": method, "calib": str(calib) if calib else None, "sets": sets, "dtype": adapter.dtype_name}
     measure_memory = (
         (lambda: cpu_peaks(model, method_args, input_spec, llm_layers, max_new_tokens, vision_layers))
         if memory
@@ -528,7 +541,9 @@ def eval_command(
     data_files: Path = typer.Option(None, "--data-files", help=DATA_FILES_HELP),
     batch_size: int = typer.Option(1, "--batch-size", help="Requests per forward (timings are shared in a batch)."),
     frames: int = typer.Option(DEFAULT_FRAMES, "--frames", help="Frames sampled from each video file."),
-    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lmms-eval's own log lines and progress bars."),
 ) -> None:
     """Evaluate a model with a method on lmms-eval tasks; write results.json and samples.jsonl."""
@@ -554,6 +569,7 @@ def eval_command(
     request = EvalRequest(
         tasks=names, model=model, method=method, calib=str(calib) if calib else None, settings=parse_sets(settings),
         limit=limit, data_files=data_files, batch_size=batch_size, frames=frames, dtype=dtype, verbose=verbose,
+        device=device, device_map=device_map,
     )  # fmt: skip
     results = run_eval(request, out_dir, log=lambda m: console.print(m))
     table = Table(title=f"{model} · {method}")

@@ -76,6 +76,28 @@ def split_visuals(visuals: Sequence, frames: int, load_video: Callable) -> tuple
     return images, (clips[0] if clips else None)
 
 
+# Generation settings that greedy decoding honours as they are, or that only act when sampling or searching
+# (so greedy decoding is what they ask for when sampling and beams are off).
+GREEDY_ONLY = {"top_p", "top_k", "length_penalty", "early_stopping", "use_cache", "typical_p", "min_p"}
+NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
+def check_generation(gen_kwargs: dict, task: str) -> None:
+    """Refuse a task's generation settings that tokcomp's greedy decoder cannot honour (never ignore them)."""
+    sampling = bool(gen_kwargs.get("do_sample")) or float(gen_kwargs.get("temperature") or 0) > 0
+    if sampling:
+        asked = ", ".join(f"{k}={gen_kwargs[k]!r}" for k in ("do_sample", "temperature") if k in gen_kwargs)
+        raise TokcompError(f"{task} asks for sampling ({asked}); tokcomp decodes greedily (temperature 0)")
+    for key, value in gen_kwargs.items():
+        if key in ("max_new_tokens", "until", "do_sample", "temperature") or key in GREEDY_ONLY:
+            continue
+        if key in NEUTRAL and value in (None, NEUTRAL[key]):
+            continue
+        raise TokcompError(
+            f"{task} asks for generation setting {key}={value!r}, which tokcomp's greedy decoder does not support"
+        )
+
+
 def cut_at_stops(text: str, until: Sequence[str] | str | None) -> str:
     """``text`` up to the first stop string (lmms-eval's ``until``)."""
     stops = [until] if isinstance(until, str) else list(until or [])
@@ -98,22 +120,22 @@ class TokcompLMM(lmms):
         batch_size: int | str = 1,
         max_frames_num: int = DEFAULT_FRAMES,
         progress: bool = True,
-        dtype: str = "float32",
+        dtype: str = "auto",
         adapter=None,
         device: str | None = None,
+        device_map: str | None = None,
         max_batch_size: int | None = None,
         **settings,
     ) -> None:
         super().__init__()
-        import torch
 
         from tokcomp.methods.registry import build_method
         from tokcomp.models.loading import load_vlm
 
         self.model_name = str(pretrained)
-        self.adapter = adapter if adapter is not None else load_vlm(self.model_name, dtype=str(dtype))
-        if device and str(device).startswith("cuda") and torch.cuda.is_available():
-            self.adapter.model.to(device)
+        if adapter is None:
+            adapter = load_vlm(self.model_name, dtype=str(dtype), device=str(device or "auto"), device_map=device_map)
+        self.adapter = adapter
         method_settings = {key: str(value) for key, value in settings.items() if value is not None}
         self.method_spec = str(method)
         self.method = build_method(
@@ -139,6 +161,8 @@ class TokcompLMM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        for inst in requests:  # before any answer: a setting tokcomp cannot honour fails the run at once
+            check_generation(inst.args[1], inst.args[4])
         results: list[GenerationResult | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: (requests[i].args[4], requests[i].args[3]))
         pipe = Pipeline(self.adapter, self.method)

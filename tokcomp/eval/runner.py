@@ -38,7 +38,9 @@ class EvalRequest:
     data_files: Path | None = None
     batch_size: int = 1
     frames: int = DEFAULT_FRAMES
-    dtype: str = "float32"
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
     progress: bool = True
     verbose: bool = False  # lmms-eval's own log lines and progress bars
 
@@ -178,6 +180,8 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
         max_frames_num=request.frames,
         progress=request.progress,
         dtype=request.dtype,
+        device=request.device,
+        device_map=request.device_map,
         **(request.settings or {}),
     )
     configs = [c for p in plans for c in p.configs]
@@ -303,7 +307,7 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> tuple
         "model": request.model,
         "method": {"spec": request.method, "name": model.method.name, "settings": _jsonable(model.method.settings())},
         "calibration": request.calib,
-        "dtype": request.dtype,
+        "dtype": model.adapter.dtype_name,
         "limit": request.limit,
         "batch_size": request.batch_size,
         "tasks": tasks,

@@ -46,8 +46,7 @@ class DyMU(Method):
                 f"{adapter.num_layers} layers (calibration made for another encoder?)"
             )
         if self.calibration_dtype is not None:
-            loaded = str(adapter.dtype).removeprefix("torch.")
-            check_calibration_dtype(self.calibration_dtype, loaded, self.calibration or "")
+            check_calibration_dtype(self.calibration_dtype, adapter.dtype_name, self.calibration or "")
         if self.vision_hash and self.vision_hash != adapter.vision_weights_hash():
             source = self.calibration or "the calibration"
             raise TokcompError(f"{source} was made for other vision weights than {adapter.name}'s: recalibrate")

@@ -7,11 +7,10 @@ last, CLS dropped; LLaVA-OneVision (SigLIP, no CLS) the last of its (already sho
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
@@ -49,6 +48,7 @@ class VLMAdapter:
         self.merging: MergeState | None = None  # set while a merging method is attached
         self.active_method = None  # set while a method is attached with ``with method(adapter):``
         self.shape = None  # the real-model shape this stands for (benchmark presets), if any
+        self.processor_template: str | None = None  # the processor's chat template (load_vlm finds it)
 
     # --- vision encoder geometry -------------------------------------------------------------
     @property
@@ -105,6 +105,11 @@ class VLMAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.vision_model.parameters()).dtype
 
+    @property
+    def dtype_name(self) -> str:
+        """The vision tower's dtype as a name (``float32``, ``bfloat16``): what calibrations record."""
+        return str(self.dtype).removeprefix("torch.")
+
     def vision_weights_hash(self) -> str:
         """sha256 over the vision tower's parameter names, shapes, dtypes and bytes (computed once)."""
         if getattr(self, "_vision_hash", None) is None:
@@ -142,27 +147,19 @@ class VLMAdapter:
         return None if value is None else int(value)
 
     def chat_template(self) -> str | None:
-        """The tokenizer's chat template, or the one saved beside the checkpoint (processor files)."""
-        if self.tokenizer.chat_template:
-            return self.tokenizer.chat_template
-        folder = Path(self.path)
-        if (folder / "chat_template.jinja").exists():
-            return (folder / "chat_template.jinja").read_text()
-        for name in ("chat_template.json", "processor_config.json"):
-            if (folder / name).exists():
-                template = json.loads((folder / name).read_text()).get("chat_template")
-                if template:
-                    return template
-        return None
+        """The processor's chat template (the one written for image and video turns), else the tokenizer's."""
+        return self.processor_template or self.tokenizer.chat_template or None
 
     def build_prompt(self, prompt: str, num_images: int, has_video: bool) -> str:
         """The user turn with one placeholder per image (and video), unless the prompt places them."""
         image_tag, video_tag = "<image>", "<video>"
-        if (
+        tags = image_tag * num_images + video_tag * int(has_video)
+        placed = (
             prompt.count(image_tag) == num_images
             and prompt.count(video_tag) == int(has_video)
             and (num_images or has_video)
-        ):
+        )
+        if placed:
             content = [{"type": "text", "text": prompt}]
         else:
             if image_tag in prompt or video_tag in prompt:
@@ -173,16 +170,17 @@ class VLMAdapter:
             content = [{"type": "image"}] * num_images + [{"type": "video"}] * int(has_video)
             content.append({"type": "text", "text": prompt})
         template = self.chat_template()
+        inline = prompt if placed or not tags else f"{tags}\n{prompt}"  # LLaVA's way of placing them in text
         if template is None:
-            tags = image_tag * num_images + video_tag * int(has_video)
-            body = "".join(p.get("text", "") for p in content)
-            return (
-                f"USER: {tags}\n{body} ASSISTANT:"
-                if tags and content[0]["type"] != "text"
-                else f"USER: {body} ASSISTANT:"
-            )
+            return f"USER: {inline} ASSISTANT:"
+        try:
+            return self._apply_template([{"role": "user", "content": content}], template)
+        except (TypeError, TemplateError):  # a template for string contents only (a text model's)
+            return self._apply_template([{"role": "user", "content": inline}], template)
+
+    def _apply_template(self, messages: list[dict], template: str) -> str:
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True, chat_template=template
+            messages, tokenize=False, add_generation_prompt=True, chat_template=template
         )
 
     # --- visual units (see tokcomp.models.visual) -----------------------------------------------
