@@ -545,6 +545,9 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lmms-eval's own log lines and progress bars."),
+    processes: int = typer.Option(
+        1, "--processes", help="Shard the documents over N local processes (one GPU each on a GPU machine)."
+    ),
 ) -> None:
     """Evaluate a model with a method on lmms-eval tasks; write results.json and samples.jsonl."""
     if not verbose:  # tqdm reads this when it is imported, so before lmms-eval and datasets are
@@ -563,6 +566,12 @@ def eval_command(
     ensure_writable_dir(out_dir)
     precheck_data_files(names, data_files)
     _check_calibration(calib)
+    if processes < 1:
+        raise TokcompError("--processes must be at least 1")
+    from tokcomp.distributed import WORKER_ENV, launch
+
+    if processes > 1 and not os.environ.get(WORKER_ENV):
+        raise typer.Exit(launch(sys.argv[1:], processes))
     from tokcomp.eval.runner import EvalRequest, run_eval
     from tokcomp.methods.registry import parse_sets
 
@@ -572,6 +581,8 @@ def eval_command(
         device=device, device_map=device_map,
     )  # fmt: skip
     results = run_eval(request, out_dir, log=lambda m: console.print(m))
+    if not results:  # a worker of a multi-process run: rank 0 reports
+        return
     table = Table(title=f"{model} · {method}")
     for column in ("task", "metric", "score", "visual tokens (mean / full)", "TTFT ms"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")

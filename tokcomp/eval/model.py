@@ -129,12 +129,16 @@ class TokcompLMM(lmms):
     ) -> None:
         super().__init__()
 
+        from tokcomp.distributed import current_world, process_device
         from tokcomp.methods.registry import build_method
         from tokcomp.models.loading import load_vlm
 
         self.model_name = str(pretrained)
+        world = current_world()  # torchrun / accelerate launch / --processes: one GPU per process
+        self._rank, self._world_size = world.rank, world.size
         if adapter is None:
-            adapter = load_vlm(self.model_name, dtype=str(dtype), device=str(device or "auto"), device_map=device_map)
+            device = process_device(str(device or "auto"), world)
+            adapter = load_vlm(self.model_name, dtype=str(dtype), device=device, device_map=device_map)
         self.adapter = adapter
         method_settings = {key: str(value) for key, value in settings.items() if value is not None}
         self.method_spec = str(method)
@@ -145,6 +149,11 @@ class TokcompLMM(lmms):
         self.max_frames_num = int(max_frames_num)
         self.progress = progress
         self.records: dict[tuple[str, int], SampleRecord] = {}
+
+    @property
+    def device(self):
+        """Where the model's first weights live (lmms-eval puts its gather buffers there)."""
+        return next(self.adapter.model.parameters()).device
 
     def _requests(self, instances: Sequence[Instance]) -> list[tuple[Request, int, list[str] | None]]:
         from tokcomp.data.video import load_video

@@ -162,6 +162,7 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
         _quiet_lmms_eval()
     from lmms_eval.evaluator import simple_evaluate
 
+    from tokcomp.distributed import current_world, init_process_group, process_device
     from tokcomp.eval.model import TokcompLMM
     from tokcomp.eval.tasks import SUITES, ensure_suite_files, plan_tasks, suites_data_dir, task_manager
 
@@ -172,6 +173,9 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
     suites = sorted({leaf for p in plans for leaf in p.leaves if leaf in SUITES})
     if suites and request.data_files is None:
         ensure_suite_files(suites, suites_data_dir(), log=log)
+    world = current_world()
+    device = process_device(request.device, world)
+    init_process_group(world, device)
     model = TokcompLMM(
         pretrained=request.model,
         method=request.method,
@@ -186,9 +190,12 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
     )
     configs = [c for p in plans for c in p.configs]
     sources = _data_sources(plans, manager)
+    if not world.is_main:  # lmms-eval gathers the samples to rank 0, which alone writes the run
+        _simple_evaluate(simple_evaluate, model, configs, manager, request, None, world)
+        return {}
     staging = staging_folder(out_dir)
     try:
-        results = _evaluate(simple_evaluate, model, configs, manager, request, staging, plans)
+        results = _evaluate(simple_evaluate, model, configs, manager, request, staging, plans, world)
         results["data"] = sources
         atomic_write_text(staging / "results.json", json.dumps(results, indent=2) + "\n")
         publish_folder(staging, out_dir)
@@ -220,8 +227,11 @@ def _is_suite_file(config: dict) -> bool:
     return any(Path(p).resolve().is_relative_to(suites_data_dir()) for p in files.values())
 
 
-def _evaluate(simple_evaluate, model, configs, manager, request: EvalRequest, staging: Path, plans) -> dict:
-    """lmms-eval's run, samples.jsonl written into ``staging``; returns results.json's content."""
+def _simple_evaluate(simple_evaluate, model, configs, manager, request: EvalRequest, staging: Path | None, world):
+    """lmms-eval's run (in every process of a multi-process run); the per-sample records of every
+    process are gathered into ``model.records`` afterwards."""
+    from tokcomp.distributed import gather_dicts
+
     bars = contextlib.nullcontext() if request.verbose else _without_lmms_eval_bars()
     try:
         with bars:
@@ -233,16 +243,25 @@ def _evaluate(simple_evaluate, model, configs, manager, request: EvalRequest, st
                 log_samples=True,
                 task_manager=manager,
                 batch_size=request.batch_size,
-                cli_args=argparse.Namespace(output_path=str(staging), process_with_media=False),
+                cli_args=argparse.Namespace(output_path=str(staging or ""), process_with_media=False),
                 verbosity="INFO" if request.verbose else "ERROR",
+                distributed_executor_backend="torchrun",
             )
     except SystemExit as exc:  # some stock tasks exit when a video is missing
         raise TokcompError(f"lmms-eval stopped: {exc.code}") from None
     except FileNotFoundError as exc:
         raise TokcompError(f"missing data: {exc}") from None
+    model.records = gather_dicts(model.records, world)
+    return raw
+
+
+def _evaluate(simple_evaluate, model, configs, manager, request: EvalRequest, staging: Path, plans, world) -> dict:
+    """lmms-eval's run, samples.jsonl written into ``staging``; returns results.json's content."""
+    raw = _simple_evaluate(simple_evaluate, model, configs, manager, request, staging, world)
     if raw is None:
         raise TokcompError("lmms-eval returned no results")
     results, samples = assemble(raw, model, request, [leaf for p in plans for leaf in p.leaves])
+    results["processes"] = world.size
     atomic_write_text(staging / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     return results
 

@@ -72,6 +72,21 @@ def processor_chat_template(path: str, offline: bool) -> str | None:
     return None
 
 
+def _check_hub_cache(repo_id: str, name: str) -> None:
+    """A hub id, loaded offline, must have its config.json in the local Hugging Face cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as exc:  # HFValidationError: not a repository id
+        raise TokcompError(f"unknown model '{name}': {str(exc).splitlines()[0]}") from None
+    if not isinstance(cached, str):
+        raise TokcompError(
+            f"cannot load model '{name}': it is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and tokcomp does not download; fetch it first (`hf download {repo_id}`) or set TOKCOMP_ALLOW_DOWNLOAD=1"
+        )
+
+
 def _check_checkpoint(folder: Path, name: str) -> None:
     """A local checkpoint's config.json names a supported model type (read before any weights load)."""
     config_file = folder / "config.json"
@@ -159,6 +174,8 @@ def load_vlm(
     if local:
         _check_checkpoint(Path(path), name)
     offline = not local and os.environ.get("TOKCOMP_ALLOW_DOWNLOAD") != "1"
+    if offline:
+        _check_hub_cache(path, name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -1,0 +1,50 @@
+"""`tokcomp eval --processes N`: documents sharded over N processes (gloo on the CPU), the same rows as one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cli_runner import run_tokcomp
+
+from tokcomp.distributed import World, current_world, gather_dicts
+
+
+def _rows(run: Path) -> dict:
+    rows = {}
+    for line in (run / "samples.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        row.pop("timings")  # measured, so never equal
+        rows[row["task"], row["doc_id"]] = row
+    return rows
+
+
+def test_two_processes_give_exactly_the_rows_of_one(suites_dir, tmp_path, capsys):
+    argv = ["eval", "--task", "tc_shapes,tc_text", "--method", "dymu-mid", "--limit", "5"]
+    code, _, err = run_tokcomp([*argv, "--out", str(tmp_path / "one")], capsys)
+    assert code == 0, err
+    code, _, err = run_tokcomp([*argv, "--out", str(tmp_path / "two"), "--processes", "2"], capsys)
+    assert code == 0, err
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(one) == 10 and one == two
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["processes"] == 2 and results["tasks"]["tc_text"]["samples"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one folder each, no leftovers
+
+
+def test_a_bad_input_in_a_multi_process_run_is_one_line(suites_dir, tmp_path, capfd):
+    # capfd: rank 0 writes to the real stderr, which it inherits
+    code, _, err = run_tokcomp(["eval", "--task", "tc_shapes", "--limit", "2", "--method", "no-such-method",
+                                "--out", str(tmp_path / "x"), "--processes", "2"], capfd)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "unknown method 'no-such-method'" in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_world_comes_from_the_launcher_environment(monkeypatch):
+    assert current_world() == World()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    world = current_world()
+    assert (world.rank, world.size, world.is_main) == (1, 3, False)
+    assert gather_dicts({"a": 1}, World()) == {"a": 1}
