@@ -48,3 +48,17 @@ def test_the_world_comes_from_the_launcher_environment(monkeypatch):
     world = current_world()
     assert (world.rank, world.size, world.is_main) == (1, 3, False)
     assert gather_dicts({"a": 1}, World()) == {"a": 1}
+
+
+def test_calibrating_over_two_processes_gives_the_thresholds_of_one(tmp_path, capsys):
+    import yaml
+
+    argv = ["calibrate", "--model", "tiny-llava", "--budget", "mid", "--data", "builtin:skimage", "--num-images",
+            "12", "--batch-size", "4"]  # fmt: skip
+    for n in (1, 2):
+        code, _, err = run_tokcomp([*argv, "--out", str(tmp_path / f"{n}.yaml"), "--processes", str(n)], capsys)
+        assert code == 0, err
+    one, two = (yaml.safe_load((tmp_path / f"{n}.yaml").read_text()) for n in (1, 2))
+    assert one["thresholds"] == two["thresholds"] and one["achieved"] == two["achieved"]
+    assert one["num_images"] == two["num_images"] == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.yaml", "2.yaml"]

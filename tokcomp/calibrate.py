@@ -20,6 +20,7 @@ import torch
 from tokcomp import __version__
 from tokcomp.config import Achieved, Calibration, Provenance
 from tokcomp.data.images import ImageItem
+from tokcomp.distributed import World, current_world, gather_dicts
 from tokcomp.errors import TokcompError
 from tokcomp.methods.dtome import BatchTopKRule, ThresholdRule
 from tokcomp.models.adapters import VLMAdapter
@@ -121,19 +122,22 @@ def calibrate(
     r_merging, schedule = merge_schedule(adapter.num_patches, budget.target_tokens, merging, adapter.protected)
     r_all = r_merging + [0] * (adapter.num_layers - merging)
 
-    sums = [0.0] * adapter.num_layers
+    world = current_world()
     batches = list(_batches(chosen, batch_size))
-    for done, batch in enumerate(batches, start=1):
-        pixels = adapter.encoder_views([item.load() for item in batch])
+    mine = range(world.rank, len(batches), world.size)  # a process's share of the batches, round robin
+    cuts: dict[int, list[float]] = {}
+    for done, index in enumerate(mine, start=1):
+        pixels = adapter.encoder_views([item.load() for item in batches[index]])
         rule = BatchTopKRule(r_all)
         adapter.encode(pixels, rule, token_order=token_order)
-        for layer in range(adapter.num_layers):
-            sums[layer] += rule.cuts.get(layer, 0.0)
+        cuts[index] = [rule.cuts.get(layer, 0.0) for layer in range(adapter.num_layers)]
         if on_step:
-            on_step("calibrating", done, len(batches))
+            on_step("calibrating", done, len(mine))
+    cuts = gather_dicts(cuts, world)  # every process's cuts, averaged in batch order as one process would
+    sums = [sum(cuts[index][layer] for index in range(len(batches))) for layer in range(adapter.num_layers)]
     thresholds = [sums[i] / len(batches) if r_all[i] > 0 else math.inf for i in range(adapter.num_layers)]
 
-    tokens = measure_tokens(adapter, chosen, thresholds, batch_size, token_order, on_step)
+    tokens = measure_tokens(adapter, chosen, thresholds, batch_size, token_order, on_step, world)
     achieved = Achieved(
         mean=round(statistics.fmean(tokens), 3),
         std=round(statistics.pstdev(tokens), 3),
@@ -174,14 +178,18 @@ def measure_tokens(
     batch_size: int = 16,
     token_order: str = "spatial",
     on_step: Callable[[str, int, int], None] | None = None,
+    world: World | None = None,
 ) -> list[int]:
-    """Tokens per image that reach the VLM with the given thresholds."""
-    tokens: list[int] = []
+    """Tokens per image that reach the VLM with the given thresholds (over ``world``'s processes)."""
+    world = world or World()
     batches = list(_batches(list(items), batch_size))
-    for done, batch in enumerate(batches, start=1):
-        pixels = adapter.encoder_views([item.load() for item in batch])
+    mine = range(world.rank, len(batches), world.size)
+    counts: dict[int, list[int]] = {}
+    for done, index in enumerate(mine, start=1):
+        pixels = adapter.encoder_views([item.load() for item in batches[index]])
         encoded = adapter.encode(pixels, ThresholdRule(list(thresholds)), token_order=token_order)
-        tokens.extend(e.num_tokens for e in encoded)
+        counts[index] = [e.num_tokens for e in encoded]
         if on_step:
-            on_step("measuring", done, len(batches))
-    return tokens
+            on_step("measuring", done, len(mine))
+    counts = gather_dicts(counts, world)
+    return [count for index in range(len(batches)) for count in counts[index]]

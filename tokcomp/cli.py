@@ -210,6 +210,9 @@ def calibrate(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     token_order: str = typer.Option("spatial", "--token-order", help="spatial | reference (DyMU's layout)."),
+    processes: int = typer.Option(
+        1, "--processes", help="Shard the batches over N local processes; thresholds are averaged over all."
+    ),
 ) -> None:
     """Calibrate per-layer DToMe thresholds so the mean token count meets a budget."""
     from tokcomp.data.images import open_image_source
@@ -220,10 +223,19 @@ def calibrate(
         raise TokcompError(f"unknown token order '{token_order}' (spatial or reference)")
     ensure_writable(out_path, keep_folders=False)
     items = open_image_source(data)
+    if processes < 1:
+        raise TokcompError("--processes must be at least 1")
+    from tokcomp.distributed import WORKER_ENV, current_world, init_process_group, launch, process_device
+
+    if processes > 1 and not os.environ.get(WORKER_ENV):
+        raise typer.Exit(launch(sys.argv[1:], processes))
     from tokcomp.calibrate import calibrate as run_calibration  # torch: only once the input is known good
     from tokcomp.calibrate import resolve_budget
     from tokcomp.models.loading import load_vlm
 
+    world = current_world()
+    device = process_device(device, world)
+    init_process_group(world, device)
     adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
     target = resolve_budget(budget, adapter.num_patches)
     with _progress() as progress:
@@ -245,6 +257,8 @@ def calibrate(
             token_order=token_order,
             on_step=on_step,
         )
+    if not world.is_main:  # every process holds the same thresholds; rank 0 writes them
+        return
     result.save(out_path)
     table = Table(title=f"{model}: budget {result.budget}", show_header=True)
     for column in ("layer", "r", "threshold"):
