@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 LOCK := requirements.lock
 
 .PHONY: install lock check-venv test lint demo calibrations benchmarks baselines regress gate-runs gate-noise readme-results \
-  gpu-check clean-venv
+  gpu-check clean-venv wheel-check
 
 install: $(STAMP)
 
@@ -44,11 +44,19 @@ check-venv: install
 test: check-venv
 	$(BIN)/ruff check tokcomp tests
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory wheel-check
 	$(MAKE) --no-print-directory regress
 	$(MAKE) --no-print-directory regress THREADS=1
 
 lint: install
 	$(BIN)/ruff check tokcomp tests
+
+# The wheel works away from the checkout (CI runs it as part of `make test`): built from an sdist of the
+# tree, installed with the locked dependencies into a fresh venv in a temp folder, then `make demo`'s
+# commands scaled down, run from another temp folder with presets, calibrations and tokcomp-tiny from the wheel.
+wheel-check: install
+	BIN=$(BIN) LOCK=$(LOCK) TORCH_SPEC="$(TORCH_SPEC)" $(if $(wildcard /opt/wheels),FIND_LINKS=/opt/wheels) \
+	  bash tools/wheel_check.sh
 
 # The main job: calibrate tokcomp-tiny, evaluate the plain model and the main methods on the four
 # built-in suites, print the report and draw accuracy against visual tokens (results/demo/).

@@ -13,12 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from tokcomp import resources
 from tokcomp.errors import TokcompError
 from tokcomp.eval.provenance import describe, same_documents
 from tokcomp.runs import Run, Sample, load_run, load_samples
 
 TOLERANCES_NAME = "regress-tolerances.yaml"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FLIP_DROP = 0.5  # a sample flips when its score falls by at least this much (correct → wrong)
 SHOWN_FLIPS = 10
 EPS = 1e-9  # a change exactly at the tolerance passes despite float rounding
@@ -51,12 +51,8 @@ class Tolerances:
 
 
 def default_tolerances_path() -> Path | None:
-    """configs/regress-tolerances.yaml in the working directory, else in the repository; None if neither."""
-    for root in (Path.cwd(), REPO_ROOT):
-        path = root / "configs" / TOLERANCES_NAME
-        if path.is_file():
-            return path
-    return None
+    """configs/regress-tolerances.yaml in the working directory, else the shipped one; None if neither."""
+    return next((p for p in resources.search_paths("configs", TOLERANCES_NAME) if p.is_file()), None)
 
 
 def _tolerance(data: Any, base: Tolerance, where: str) -> Tolerance:

@@ -1,4 +1,4 @@
-"""Method names, presets in configs/, settings from --set, stored calibrations in calib/."""
+"""Method names, presets in configs/, settings from --set, stored calibrations in calib/ (see tokcomp.resources)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tokcomp import resources
 from tokcomp.config import Calibration
 from tokcomp.errors import TokcompError
 from tokcomp.methods.base import Composed, Method
@@ -29,12 +30,6 @@ METHODS: dict[str, type[Method]] = {
     "random": RandomPruning,
     "divprune": DivPrune,
 }
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def project_paths(*parts: str) -> list[Path]:
-    """Where project folders (configs/, calib/) are looked up: the working directory, then the repo."""
-    return [Path.cwd().joinpath(*parts), REPO_ROOT.joinpath(*parts)]
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:
@@ -55,7 +50,7 @@ def _load_preset(spec: str) -> tuple[str, dict[str, Any]]:
     """A method name (``dymu``, ``dymu+dycoke``), or a preset: a YAML path or a name in configs/."""
     if _is_method_name(spec):
         return spec, {}
-    candidates = [Path(spec)] if spec.endswith((".yaml", ".yml")) else project_paths("configs", f"{spec}.yaml")
+    candidates = [Path(spec)] if spec.endswith((".yaml", ".yml")) else resources.search_paths("configs", f"{spec}.yaml")
     for path in candidates:
         if path.is_file():
             try:
@@ -88,7 +83,7 @@ def calibration_name(model: str) -> str:
 
 
 def stored_calibration(model: str, budget: str) -> Path | None:
-    for path in project_paths("calib", calibration_name(model), f"{budget}.yaml"):
+    for path in resources.search_paths("calib", calibration_name(model), f"{budget}.yaml"):
         if path.is_file():
             return path
     return None
@@ -281,9 +276,9 @@ def method_catalog() -> list[MethodInfo]:
 
 
 def preset_catalog() -> list[PresetInfo]:
-    """The presets in configs/ (the working directory's first, then the repository's), by name."""
+    """The presets in configs/ (the working directory's first, then the shipped ones), by name."""
     found: dict[str, PresetInfo] = {}
-    for folder in project_paths("configs"):
+    for folder in resources.search_paths("configs"):
         for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
             if path.stem in found or path.stem == "regress-tolerances":
                 continue

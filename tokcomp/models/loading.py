@@ -11,14 +11,14 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers import logging as hf_logging
 
+from tokcomp import resources
 from tokcomp.errors import TokcompError
 from tokcomp.models.adapters import ADAPTERS, VLMAdapter
 from tokcomp.models.presets import PRESETS, ensure_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Trained checkpoints committed to the repository, by name (see tokcomp.tiny).
-REPO_ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = {"tokcomp-tiny": REPO_ROOT / "checkpoints" / "tokcomp-tiny"}
+# Trained checkpoints committed to the repository and shipped in the wheel, by name (see tokcomp.tiny).
+COMMITTED = {"tokcomp-tiny": resources.checkpoint("tokcomp-tiny")}
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:

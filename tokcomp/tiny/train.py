@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tokcomp.models.adapters import LlavaOnevisionAdapter
 from tokcomp.models.visual import identity_tokens
 from tokcomp.pipeline import Pipeline, Request
+from tokcomp.resources import REPO_ROOT
 from tokcomp.tiny import TASKS
 from tokcomp.tiny.model import (
     TEST_SPEC,
@@ -34,7 +35,7 @@ from tokcomp.tiny.model import (
 )
 from tokcomp.tiny.tasks import LABEL_WORDS, Item, make_item
 
-DEFAULT_OUT = Path(__file__).resolve().parents[2] / "checkpoints" / "tokcomp-tiny"
+DEFAULT_OUT = REPO_ROOT / "checkpoints" / "tokcomp-tiny"  # the checkout's, which setup.py ships
 # Items per training batch (one task per batch): video and multi-image items cost more encoder views.
 BATCH_SIZES = {"tc_shapes": 16, "tc_text": 16, "tc_multi": 8, "tc_motion": 4}
 # How often each task's batch comes up in the rotation.
