@@ -29,7 +29,13 @@ COLUMNS = [
     "metric",
     "samples",
     "accuracy_pct",
+    "accuracy_ci_low_pct",
+    "accuracy_ci_high_pct",
     "accuracy_vs_none_pct",
+    "delta_vs_none_pts",
+    "delta_ci_low_pts",
+    "delta_ci_high_pts",
+    "agreement_pct",
     "tokens_mean",
     "tokens_std",
     "tokens_full",
@@ -120,6 +126,7 @@ def build_table(runs: Sequence[Run]) -> pd.DataFrame:
     merged["tokens_pct_full"] = 100.0 * _ratio(merged["tokens_mean"], merged["tokens_full"])
     for column, ratio in TIMINGS:
         merged[ratio] = _ratio(merged[column], merged[f"{column}_none"])
+    _add_statistics(merged, runs)
     merged["_compressed"] = merged["method_name"] != "none"
     merged = merged.sort_values(
         ["task", "model", "_compressed", "tokens_mean", "method"],
@@ -128,6 +135,30 @@ def build_table(runs: Sequence[Run]) -> pd.DataFrame:
         kind="stable",
     )
     return merged[COLUMNS].reset_index(drop=True)
+
+
+def _add_statistics(frame: pd.DataFrame, runs: Sequence[Run]) -> None:
+    """Per row: the accuracy's Wilson 95 % interval, and against the plain run of its task and model the
+    paired difference with its bootstrap interval and the share of identical answers (from samples.jsonl)."""
+    from tokcomp.runs import load_samples
+    from tokcomp.stats import agreement, paired_difference_interval, wilson_interval
+
+    samples = {str(run.root): load_samples(run) for run in runs if (run.root / "samples.jsonl").is_file()}
+    plain = {(r.task, r.model): r.run for r in frame.itertuples() if r.method_name == "none"}
+    columns: dict[str, list[float]] = {c: [] for c in ("low", "high", "delta", "dlow", "dhigh", "agree")}
+    for row in frame.itertuples():
+        mine = {key[1]: s for key, s in samples.get(row.run, {}).items() if key[0] == row.task}
+        low, high = wilson_interval(row.accuracy_pct / 100, len(mine)) if mine else (math.nan, math.nan)
+        base = {key[1]: s for key, s in samples.get(plain.get((row.task, row.model), ""), {}).items()
+                if key[0] == row.task}  # fmt: skip
+        paired = [doc for doc in mine if doc in base] if row.method_name != "none" else []
+        delta = paired_difference_interval([base[d].score for d in paired], [mine[d].score for d in paired])
+        agree = agreement([base[d].response for d in paired], [mine[d].response for d in paired])
+        for key, value in zip(columns, (low, high, *delta, agree), strict=True):
+            columns[key].append(100.0 * value)
+    frame["accuracy_ci_low_pct"], frame["accuracy_ci_high_pct"] = columns["low"], columns["high"]
+    frame["delta_vs_none_pts"], frame["delta_ci_low_pts"] = columns["delta"], columns["dlow"]
+    frame["delta_ci_high_pts"], frame["agreement_pct"] = columns["dhigh"], columns["agree"]
 
 
 def mismatched_samples(table: pd.DataFrame) -> list[str]:
@@ -150,6 +181,12 @@ def _fmt(value: object, pattern: str) -> str:
     return pattern.format(value)
 
 
+def _interval(low: float, high: float, pattern: str) -> str:
+    if pd.isna(low) or pd.isna(high):
+        return MISSING
+    return f"[{pattern.format(low)}, {pattern.format(high)}]"
+
+
 def display_table(table: pd.DataFrame) -> pd.DataFrame:
     """The report as text cells: accuracy in %, tokens mean ± std, ratios as ×, blanks as —."""
 
@@ -167,7 +204,15 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             "method": table["method"],
             "n": [_fmt(v, "{}") for v in table["samples"]],
             "accuracy": [_fmt(v, "{:.1f}%") for v in table["accuracy_pct"]],
+            "95% CI": [_interval(lo, hi, "{:.1f}") for lo, hi in zip(table["accuracy_ci_low_pct"],
+                                                                    table["accuracy_ci_high_pct"], strict=True)],
             "vs none": [_fmt(v, "{:.1f}%") for v in table["accuracy_vs_none_pct"]],
+            "Δ vs none (pts, 95% CI)": [
+                MISSING if pd.isna(d) else f"{d:+.1f} {_interval(lo, hi, '{:+.1f}')}"
+                for d, lo, hi in zip(table["delta_vs_none_pts"], table["delta_ci_low_pts"],
+                                     table["delta_ci_high_pts"], strict=True)
+            ],
+            "agree": [_fmt(v, "{:.1f}%") for v in table["agreement_pct"]],
             "visual tokens": table.apply(tokens, axis=1) if len(table) else [],
             "% of full": [_fmt(v, "{:.1f}%") for v in table["tokens_pct_full"]],
             "prefill": [_fmt(v, "{:.2f}×") for v in table["prefill_ratio"]],
@@ -201,7 +246,13 @@ def to_csv(table: pd.DataFrame) -> str:
     rounded = table.round(
         {
             "accuracy_pct": 2,
+            "accuracy_ci_low_pct": 2,
+            "accuracy_ci_high_pct": 2,
             "accuracy_vs_none_pct": 2,
+            "delta_vs_none_pts": 2,
+            "delta_ci_low_pts": 2,
+            "delta_ci_high_pts": 2,
+            "agreement_pct": 2,
             "tokens_mean": 2,
             "tokens_std": 2,
             "tokens_full": 2,
@@ -280,10 +331,14 @@ def save_plot(table: pd.DataFrame, path: str | Path) -> Path:
         for row in rows.itertuples():
             plain = row.method_name == "none"
             colour = "black" if plain and len(models) == 1 else colours[row.model]
+            yerr = None
+            if not pd.isna(row.accuracy_ci_low_pct):  # the accuracy's 95 % interval
+                yerr = [[row.accuracy_pct - row.accuracy_ci_low_pct], [row.accuracy_ci_high_pct - row.accuracy_pct]]
             ax.errorbar(
                 row.tokens_mean,
                 row.accuracy_pct,
                 xerr=None if pd.isna(row.tokens_std) else row.tokens_std,
+                yerr=yerr,
                 fmt="*" if plain else "o",
                 markersize=13 if plain else 7,
                 color=colour,
@@ -315,6 +370,6 @@ def save_plot(table: pd.DataFrame, path: str | Path) -> Path:
             for m in models
         ]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(models), 4), frameon=False)
-    fig.suptitle("accuracy vs. visual tokens (★ = uncompressed)")
+    fig.suptitle("accuracy (95% interval) vs. visual tokens (± std; ★ = uncompressed)")
     fig.tight_layout(rect=(0, 0.06 if len(models) > 1 else 0, 1, 1))
     return save_png(fig, path)
