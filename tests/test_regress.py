@@ -311,3 +311,12 @@ def test_missing_tolerance_file_is_a_clean_error(tmp_path, capsys):
     argv = ["regress", "--baseline", str(run_dir), "--current", str(run_dir), "--tolerances", str(tmp_path / "x.yaml")]
     code, _, err = run(argv, capsys)
     assert code == 2 and "does not exist" in err
+
+
+def test_the_paired_change_comes_with_its_interval(tmp_path, capsys):
+    base = _forty(tmp_path / "base")
+    cur = _forty(tmp_path / "cur", _flip(FORTY, 0, 1, 2))
+    mean, low, high = regress(base, cur).tasks[0].paired_delta
+    assert mean == pytest.approx(-0.075) and low < mean < high <= 0.0
+    code, out, _ = run(["regress", "--baseline", str(base), "--current", str(cur)], capsys)
+    assert code == 0 and "paired change, 95% CI (pts)" in out and "-7.5" in out

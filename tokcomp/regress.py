@@ -17,6 +17,7 @@ from tokcomp import resources
 from tokcomp.errors import TokcompError
 from tokcomp.eval.provenance import describe, same_documents
 from tokcomp.runs import Run, Sample, load_run, load_samples
+from tokcomp.stats import paired_difference_interval
 
 TOLERANCES_NAME = "regress-tolerances.yaml"
 FLIP_DROP = 0.5  # a sample flips when its score falls by at least this much (correct → wrong)
@@ -147,6 +148,7 @@ class TaskComparison:
     worse: int = 0  # paired samples whose score fell
     better: int = 0  # paired samples whose score rose
     paired: int = 0  # samples found in both runs
+    paired_delta: tuple[float, float, float] | None = None  # mean current − baseline and its 95 % bootstrap CI
     missing_samples: list[int | str] = field(default_factory=list)  # baseline doc_ids absent from current
     failures: list[str] = field(default_factory=list)
 
@@ -259,6 +261,8 @@ def compare_task(
     flips: list[Flip] = []
     missing: list[int | str] = []
     worse = better = paired = 0
+    before_scores: list[float] = []
+    after_scores: list[float] = []
     for (name, doc_id), before in baseline_samples.items():
         if name != task:
             continue
@@ -267,15 +271,18 @@ def compare_task(
             missing.append(doc_id)
             continue
         paired += 1
+        before_scores.append(before.score)
+        after_scores.append(after.score)
         if after.score < before.score - EPS:
             worse += 1
             if before.score - after.score >= FLIP_DROP - EPS:
                 flips.append(Flip(doc_id, before.target, before.response, after.response, before.score, after.score))
         elif after.score > before.score + EPS:
             better += 1
+    delta = paired_difference_interval(before_scores, after_scores) if paired else None
     comparison = TaskComparison(
         task, tolerance, base.score, now.score, base.tokens_mean, now.tokens_mean, flips, worse, better, paired,
-        missing,
+        delta, missing,
     )  # fmt: skip
     return replace(comparison, failures=_failures(comparison, tolerance))
 
@@ -391,6 +398,9 @@ def task_table(t: TaskComparison) -> Group:
         f"alpha {tol.alpha:g}, ≥{100 * tol.min_drop:.1f} pts",
         _verdict(not accuracy_failed, t.better > t.worse),
     )
+    if t.paired_delta is not None:
+        mean, low, high = (100 * v for v in t.paired_delta)
+        table.add_row("paired change, 95% CI (pts)", "", f"{mean:+.1f}", f"[{low:+.1f}, {high:+.1f}]", "", "")
     change = t.tokens_change
     unmeasured = t.baseline_tokens is not None and t.current_tokens is None
     table.add_row(
