@@ -106,7 +106,7 @@ gate-runs:
 
 # The gate's noise study: every gated method re-run under other numerics (1 thread, AVX2 kernels, inputs
 # one ulp up) and with a deliberately broken DToMe, each compared with the stored baselines
-# (results/gate-noise/README.md; about 6 minutes).
+# (results/gate-noise/README.md; about 12 minutes on 2 cores).
 gate-noise: install
 	$(BIN)/python tools/gate_noise.py --baselines $(BASELINES) --limit $(GATE_LIMIT) --out results/gate-noise \
 	  $(GATE_RUNS)
