@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -57,3 +59,29 @@ def test_report_shows_intervals_delta_and_agreement(tmp_path):
     assert cells["Δ vs none (pts, 95% CI)"].startswith("-20.0 [")
     plain = display_table(table).set_index("method").loc["none"]
     assert plain["Δ vs none (pts, 95% CI)"] == "—" and plain["agree"] == "—"
+
+
+def test_paired_timing_times_the_plain_model_on_the_same_samples(suites_dir, tmp_path):
+    from tokcomp.eval.runner import EvalRequest, run_eval
+
+    request = EvalRequest(["tc_shapes"], "tokcomp-tiny", method="dymu-mid", limit=3, progress=False,
+                          paired_timing=True)  # fmt: skip
+    results = run_eval(request, tmp_path / "paired", log=lambda m: None)
+    ratios = results["tasks"]["tc_shapes"]["paired_timings"]
+    assert set(ratios) == {"vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token"}
+    assert all(r > 0 for r in ratios.values())
+    rows = [json.loads(line) for line in (tmp_path / "paired" / "samples.jsonl").read_text().splitlines()]
+    assert all(set(r["plain_timings"]) == set(r["timings"]) for r in rows)
+    plain = run_eval(EvalRequest(["tc_shapes"], "tokcomp-tiny", limit=3, progress=False), tmp_path / "none",
+                     log=lambda m: None)  # fmt: skip
+    unpaired = run_eval(EvalRequest(["tc_shapes"], "tokcomp-tiny", method="dymu-mid", limit=3, progress=False),
+                        tmp_path / "unpaired", log=lambda m: None)  # fmt: skip
+    assert "paired_timings" not in plain["tasks"]["tc_shapes"]
+    # the scored answers are the method's own, as without --paired-timing
+    assert [r["response"] for r in rows] == [
+        json.loads(line)["response"] for line in (tmp_path / "unpaired" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert unpaired["tasks"]["tc_shapes"]["score"] == results["tasks"]["tc_shapes"]["score"]
+    table = build_table([load_run(tmp_path / "none"), load_run(tmp_path / "paired")])
+    row = table[table["method"] == "dymu-mid"].iloc[0]
+    assert row["timing"] == "same run" and row["prefill_ratio"] == pytest.approx(ratios["prefill_ms"])

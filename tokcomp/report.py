@@ -43,6 +43,7 @@ COLUMNS = [
     "prefill_ratio",
     "ttft_ratio",
     "decode_ratio",
+    "timing",
     "prefill_ms",
     "ttft_ms",
     "decode_ms_per_token",
@@ -88,6 +89,7 @@ def _runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
                     "prefill_ms": task.prefill_ms,
                     "ttft_ms": task.ttft_ms,
                     "decode_ms_per_token": task.decode_ms_per_token,
+                    "_paired": task.paired_ratios,
                     "run": str(run.root),
                 }
             )
@@ -126,6 +128,10 @@ def build_table(runs: Sequence[Run]) -> pd.DataFrame:
     merged["tokens_pct_full"] = 100.0 * _ratio(merged["tokens_mean"], merged["tokens_full"])
     for column, ratio in TIMINGS:
         merged[ratio] = _ratio(merged[column], merged[f"{column}_none"])
+        paired = merged["_paired"].map(lambda p, c=column: p.get(c) if isinstance(p, dict) else None)
+        merged[ratio] = paired.astype("float64").fillna(merged[ratio])  # same-run ratios win
+    merged["timing"] = merged["_paired"].map(lambda p: "same run" if isinstance(p, dict) else "across runs")
+    merged.loc[merged["method_name"] == "none", "timing"] = "—"
     _add_statistics(merged, runs)
     merged["_compressed"] = merged["method_name"] != "none"
     merged = merged.sort_values(
@@ -218,6 +224,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
             "prefill": [_fmt(v, "{:.2f}×") for v in table["prefill_ratio"]],
             "TTFT": [_fmt(v, "{:.2f}×") for v in table["ttft_ratio"]],
             "decode/token": [_fmt(v, "{:.2f}×") for v in table["decode_ratio"]],
+            "timed": list(table["timing"]),
         }
     )
     return shown

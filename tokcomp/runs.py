@@ -32,6 +32,7 @@ class TaskResult:
     decode_ms_per_token: float | None = None
     peak_bytes: float | None = None
     kv_bytes: float | None = None
+    paired_ratios: dict[str, float] | None = None  # method / plain, timed in the same run (--paired-timing)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def _task_result(name: str, data: Any, where: str) -> TaskResult:
     tokens = _section(data, "visual_tokens", where)
     timings = _section(data, "timings", where)
     memory = _section(data, "memory", where)
+    paired = _section(data, "paired_timings", where)
     return TaskResult(
         name=name,
         metric=str(data.get("metric") or "score"),
@@ -115,6 +117,8 @@ def _task_result(name: str, data: Any, where: str) -> TaskResult:
         decode_ms_per_token=_number(timings.get("decode_ms_per_token"), f"{where} timings.decode_ms_per_token"),
         peak_bytes=_number(memory.get("peak_bytes"), f"{where} memory.peak_bytes"),
         kv_bytes=_number(memory.get("kv_bytes"), f"{where} memory.kv_bytes"),
+        paired_ratios={str(k): _number(v, f"{where} paired_timings.{k}", required=True) for k, v in paired.items()}
+        or None,
     )
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from tokcomp.defaults import DEFAULT_FRAMES, DEFAULT_MAX_NEW_TOKENS
 from tokcomp.errors import TokcompError
+from tokcomp.methods.base import Method
 from tokcomp.pipeline import Generation, Pipeline, Request
 
 TIMING_KEYS = {
@@ -41,6 +42,7 @@ class SampleRecord:
     kv_bytes: int
     prompt_tokens: int
     output_tokens: int
+    plain_timings_ms: dict[str, float] | None = None  # the uncompressed model on the same sample (--paired-timing)
 
     @classmethod
     def from_generation(cls, gen: Generation, batch_size: int) -> SampleRecord:
@@ -121,6 +123,7 @@ class TokcompLMM(lmms):
         max_frames_num: int = DEFAULT_FRAMES,
         progress: bool = True,
         dtype: str = "auto",
+        paired_timing: bool | str = False,
         adapter=None,
         device: str | None = None,
         device_map: str | None = None,
@@ -148,6 +151,7 @@ class TokcompLMM(lmms):
         self.batch_size_per_gpu = max(1, int(batch_size))
         self.max_frames_num = int(max_frames_num)
         self.progress = progress
+        self.paired_timing = str(paired_timing).lower() in ("1", "true", "yes")
         self.records: dict[tuple[str, int], SampleRecord] = {}
 
     @property
@@ -175,22 +179,39 @@ class TokcompLMM(lmms):
         results: list[GenerationResult | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: (requests[i].args[4], requests[i].args[3]))
         pipe = Pipeline(self.adapter, self.method)
+        # --paired-timing: the plain model answers every sample too, in the same process, the two runs
+        # alternating which goes first, after one warm-up of each; only the method's answer is scored.
+        plain = Pipeline(self.adapter, Method()) if self.paired_timing and type(self.method) is not Method else None
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, disable=not self.progress, transient=True) as bar, self.method(self.adapter):
+        with Progress(*columns, disable=not self.progress, transient=True) as bar:
             job = bar.add_task(f"{self.model_name} · {self.method_spec}", total=len(requests))
-            for start in range(0, len(order), self.batch_size_per_gpu):
-                chunk = order[start : start + self.batch_size_per_gpu]
+            chunks = [order[start : start + self.batch_size_per_gpu]
+                      for start in range(0, len(order), self.batch_size_per_gpu)]  # fmt: skip
+            for number, chunk in enumerate(chunks):
                 prepared = self._requests([requests[i] for i in chunk])
-                max_new = max(m for _, m, _ in prepared)
-                generations = pipe.generate([r for r, _, _ in prepared], max_new_tokens=max_new)
-                for i, (_, _, until), gen in zip(chunk, prepared, generations, strict=True):
+                batch, max_new = [r for r, _, _ in prepared], max(m for _, m, _ in prepared)
+                if plain is not None and number == 0:  # warm-up, not recorded
+                    plain.generate(batch, max_new_tokens=max_new)
+                    self._generate_with_method(pipe, batch, max_new)
+                plain_first = plain is not None and number % 2 == 0
+                baseline = plain.generate(batch, max_new_tokens=max_new) if plain_first else None
+                generations = self._generate_with_method(pipe, batch, max_new)
+                if plain is not None and not plain_first:
+                    baseline = plain.generate(batch, max_new_tokens=max_new)
+                for k, (i, (_, _, until), gen) in enumerate(zip(chunk, prepared, generations, strict=True)):
                     _, _, _, doc_id, task, _ = requests[i].args
                     record = SampleRecord.from_generation(gen, len(chunk))
+                    if baseline is not None:
+                        record.plain_timings_ms = SampleRecord.from_generation(baseline[k], len(chunk)).timings_ms
                     self.records[(task, int(doc_id))] = record
                     text = cut_at_stops(gen.answer, until)
                     results[i] = GenerationResult(text, TokenCounts(record.prompt_tokens, record.output_tokens))
                 bar.advance(job, len(chunk))
         return results  # type: ignore[return-value]
+
+    def _generate_with_method(self, pipe: Pipeline, batch: list[Request], max_new: int) -> list[Generation]:
+        with self.method(self.adapter):
+            return pipe.generate(batch, max_new_tokens=max_new)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise TokcompError("tokcomp answers generation tasks only (output_type: generate_until)")

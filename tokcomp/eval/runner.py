@@ -43,6 +43,7 @@ class EvalRequest:
     device_map: str | None = None
     progress: bool = True
     verbose: bool = False  # lmms-eval's own log lines and progress bars
+    paired_timing: bool = False  # also time the plain model on every sample, interleaved
 
 
 def sample_score(value) -> float | None:
@@ -184,6 +185,7 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
         max_frames_num=request.frames,
         progress=request.progress,
         dtype=request.dtype,
+        paired_timing=request.paired_timing,
         device=request.device,
         device_map=request.device_map,
         **(request.settings or {}),
@@ -293,6 +295,7 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> tuple
                 row |= {
                     "visual_tokens": {"full": record.visual_full, "kept": record.visual_kept},
                     "timings": record.timings_ms,
+                    **({"plain_timings": record.plain_timings_ms} if record.plain_timings_ms else {}),
                     "kv_bytes": record.kv_bytes,
                 }
                 records.append(record)
@@ -314,6 +317,16 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> tuple
             entry["timings"] = {
                 key: round(statistics.median(r.timings_ms[key] for r in records), 3) for key in records[0].timings_ms
             }
+            paired = [r for r in records if r.plain_timings_ms]
+            if paired:  # same samples, same process: ratios of medians that compare
+                entry["paired_timings"] = {
+                    key: round(
+                        statistics.median(r.timings_ms[key] for r in paired)
+                        / max(statistics.median(r.plain_timings_ms[key] for r in paired), 1e-9),
+                        4,
+                    )
+                    for key in records[0].timings_ms
+                }
             entry["memory"] = {
                 "peak_bytes": _peak_bytes(),
                 "kv_bytes": int(statistics.fmean(r.kv_bytes for r in records)),
