@@ -168,6 +168,15 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _run_sharded(processes: int) -> None:
+    """``--processes N``: the typed command runs in N worker processes and exits with their code here."""
+    from tokcomp.distributed import launch_if_sharded
+
+    code = launch_if_sharded(sys.argv[1:], processes)
+    if code is not None:
+        raise typer.Exit(code)
+
+
 def _progress() -> Progress:
     """A progress bar on stderr that clears itself, so an error that follows stays a single line."""
     return Progress(
@@ -223,19 +232,13 @@ def calibrate(
         raise TokcompError(f"unknown token order '{token_order}' (spatial or reference)")
     ensure_writable(out_path, keep_folders=False)
     items = open_image_source(data)
-    if processes < 1:
-        raise TokcompError("--processes must be at least 1")
-    from tokcomp.distributed import WORKER_ENV, current_world, init_process_group, launch, process_device
-
-    if processes > 1 and not os.environ.get(WORKER_ENV):
-        raise typer.Exit(launch(sys.argv[1:], processes))
+    _run_sharded(processes)
     from tokcomp.calibrate import calibrate as run_calibration  # torch: only once the input is known good
     from tokcomp.calibrate import resolve_budget
+    from tokcomp.distributed import join_world
     from tokcomp.models.loading import load_vlm
 
-    world = current_world()
-    device = process_device(device, world)
-    init_process_group(world, device)
+    world, device = join_world(device)
     adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
     target = resolve_budget(budget, adapter.num_patches)
     with _progress() as progress:
@@ -583,12 +586,7 @@ def eval_command(
     ensure_writable_dir(out_dir)
     precheck_data_files(names, data_files)
     _check_calibration(calib)
-    if processes < 1:
-        raise TokcompError("--processes must be at least 1")
-    from tokcomp.distributed import WORKER_ENV, launch
-
-    if processes > 1 and not os.environ.get(WORKER_ENV):
-        raise typer.Exit(launch(sys.argv[1:], processes))
+    _run_sharded(processes)
     from tokcomp.eval.runner import EvalRequest, run_eval
     from tokcomp.methods.registry import parse_sets
 

@@ -70,6 +70,24 @@ def init_process_group(world: World, device: str) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
 
 
+def join_world(device: str) -> tuple[World, str]:
+    """This process's world, its device (``auto`` resolved per process) and its process group, started."""
+    world = current_world()
+    device = process_device(device, world)
+    init_process_group(world, device)
+    return world, device
+
+
+def launch_if_sharded(argv: list[str], processes: int) -> int | None:
+    """In the command a user typed with ``--processes N > 1``: run it in N workers and return their exit
+    code; in a worker, or with one process, None (the command goes on in this process)."""
+    if processes < 1:
+        raise TokcompError("--processes must be at least 1")
+    if processes > 1 and not os.environ.get(WORKER_ENV):
+        return launch(argv, processes)
+    return None
+
+
 def gather_dicts(mine: dict, world: World) -> dict:
     """Every process's dict merged, on every process (keys are disjoint: each process has its documents)."""
     if world.size <= 1:

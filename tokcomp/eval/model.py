@@ -12,6 +12,7 @@ bytes) in ``records``, keyed by (task, doc_id).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -183,7 +184,9 @@ class TokcompLMM(lmms):
         # alternating which goes first, after one warm-up of each; only the method's answer is scored.
         plain = Pipeline(self.adapter, Method()) if self.paired_timing and type(self.method) is not Method else None
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, disable=not self.progress, transient=True) as bar:
+        # Attached once for the whole run; with --paired-timing each generate attaches its own method per call.
+        attached = contextlib.nullcontext() if plain is not None else self.method(self.adapter)
+        with Progress(*columns, disable=not self.progress, transient=True) as bar, attached:
             job = bar.add_task(f"{self.model_name} · {self.method_spec}", total=len(requests))
             chunks = [order[start : start + self.batch_size_per_gpu]
                       for start in range(0, len(order), self.batch_size_per_gpu)]  # fmt: skip
@@ -192,10 +195,10 @@ class TokcompLMM(lmms):
                 batch, max_new = [r for r, _, _ in prepared], max(m for _, m, _ in prepared)
                 if plain is not None and number == 0:  # warm-up, not recorded
                     plain.generate(batch, max_new_tokens=max_new)
-                    self._generate_with_method(pipe, batch, max_new)
+                    pipe.generate(batch, max_new_tokens=max_new)
                 plain_first = plain is not None and number % 2 == 0
                 baseline = plain.generate(batch, max_new_tokens=max_new) if plain_first else None
-                generations = self._generate_with_method(pipe, batch, max_new)
+                generations = pipe.generate(batch, max_new_tokens=max_new)
                 if plain is not None and not plain_first:
                     baseline = plain.generate(batch, max_new_tokens=max_new)
                 for k, (i, (_, _, until), gen) in enumerate(zip(chunk, prepared, generations, strict=True)):
@@ -208,10 +211,6 @@ class TokcompLMM(lmms):
                     results[i] = GenerationResult(text, TokenCounts(record.prompt_tokens, record.output_tokens))
                 bar.advance(job, len(chunk))
         return results  # type: ignore[return-value]
-
-    def _generate_with_method(self, pipe: Pipeline, batch: list[Request], max_new: int) -> list[Generation]:
-        with self.method(self.adapter):
-            return pipe.generate(batch, max_new_tokens=max_new)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise TokcompError("tokcomp answers generation tasks only (output_type: generate_until)")

@@ -163,7 +163,7 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
         _quiet_lmms_eval()
     from lmms_eval.evaluator import simple_evaluate
 
-    from tokcomp.distributed import current_world, init_process_group, process_device
+    from tokcomp.distributed import join_world
     from tokcomp.eval.model import TokcompLMM
     from tokcomp.eval.tasks import SUITES, ensure_suite_files, plan_tasks, suites_data_dir, task_manager
 
@@ -174,9 +174,7 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
     suites = sorted({leaf for p in plans for leaf in p.leaves if leaf in SUITES})
     if suites and request.data_files is None:
         ensure_suite_files(suites, suites_data_dir(), log=log)
-    world = current_world()
-    device = process_device(request.device, world)
-    init_process_group(world, device)
+    world, _ = join_world(request.device)
     model = TokcompLMM(
         pretrained=request.model,
         method=request.method,
