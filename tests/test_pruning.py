@@ -39,7 +39,8 @@ def test_adaptive_meets_the_global_budget_exactly_with_floors(llava, photos, fla
     assert result.account.visual_kept == round(rho * full)
     floor = int(np.ceil(0.05 * 196))
     assert all(unit["kept"] >= floor for unit in result.account.per_image)
-    assert sum(method.last_plan.per_image_budget) + method.last_plan.inter_budget == method.last_plan.budget
+    plan = result.account.selection["adaptive"]
+    assert sum(plan.per_image_budget) + plan.inter_budget == plan.budget
 
 
 def test_a_flat_image_gets_a_smaller_budget_than_a_textured_one(llava, photos, flat_image):
@@ -47,7 +48,8 @@ def test_a_flat_image_gets_a_smaller_budget_than_a_textured_one(llava, photos, f
     result = Pipeline(llava, method).generate([Request(PROMPT, [flat_image, photos[5]])], 1)[0]
     flat, gravel = result.account.per_image
     assert flat["kept"] < gravel["kept"]
-    assert method.last_plan.intra_diversity[0] < method.last_plan.intra_diversity[1]
+    plan = result.account.selection["adaptive"]
+    assert plan.intra_diversity[0] < plan.intra_diversity[1]
 
 
 def test_a_repeated_image_gets_far_fewer_tokens(llava_ov, photos):

@@ -242,3 +242,20 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path):
     assert main([str(tmp_path / "R.md"), "t", str(tmp_path / "table.md")]) == 0
     assert "new" in (tmp_path / "R.md").read_text() and "old" not in (tmp_path / "R.md").read_text()
     assert main([str(tmp_path / "R.md"), "t", str(tmp_path / "missing.md")]) == 2
+
+
+def test_ratios_across_runs_need_the_same_machine(tmp_path):
+    """Cross-run timing ratios compare only runs that recorded the same machine; else they stay blank."""
+    plain = task_entry(0.8, full=400, prefill_ms=10, ttft_ms=20, decode_ms=2)
+    none = write_run(tmp_path / "none", {"tc_shapes": plain})
+    other = write_run(
+        tmp_path / "mid",
+        {"tc_shapes": task_entry(0.7, full=400, mean=100, prefill_ms=4, ttft_ms=8, decode_ms=1)},
+        spec="dymu-mid",
+    )
+    results = json.loads((other / "results.json").read_text())
+    results["machine"] = {**results.get("machine", {}), "cpu": "Another CPU", "torch_threads": 8}
+    (other / "results.json").write_text(json.dumps(results))
+    row = _rows([none, other]).set_index("method").loc["dymu-mid"]
+    assert row["timing"] == "other machine" and row[["prefill_ratio", "ttft_ratio", "decode_ratio"]].isna().all()
+    assert row["accuracy_vs_none_pct"] == pytest.approx(87.5)  # accuracy still compares

@@ -275,3 +275,46 @@ def test_tokcomp_tiny_loads_offline_and_answers_eval_items():
     correct = [normalize_answer(a) == normalize_answer(it.answer) for it, a in zip(items, answers, strict=True)]
     pairs = [(a, it.answer) for a, it in zip(answers, items, strict=True)]
     assert sum(correct) >= SMOKE_MIN_CORRECT * len(items), pairs
+
+
+def test_training_resumes_where_it_stopped_and_adds_up_its_runs(tmp_path):
+    """A run stopped early saves its state; --resume finishes it with the same settings; training.json,
+    the curve and the model card record both runs."""
+    from tokcomp.tiny.train import main, state_dir_for
+
+    common = ["--out", str(tmp_path / "ckpt"), "--test-config", "--batch-scale", "0.25", "--threads", "1",
+              "--eval-items", "1", "--curve-every", "2", "--curve-items", "1", "--log-every", "1"]  # fmt: skip
+    assert main([*common, "--steps", "4", "--encoder-steps", "2", "--evidence-weight", "0.5",
+                 "--stop-after-minutes", "0.0001"]) == 0  # fmt: skip
+    assert (state_dir_for(tmp_path / "ckpt") / "state.pt").is_file() and not (tmp_path / "ckpt").exists()
+    assert main([*common, "--resume", "--steps", "999"]) == 0  # the saved settings win
+    report = json.loads((tmp_path / "ckpt" / "training.json").read_text())
+    assert report["steps"] == 4 and report["evidence_weight"] == 0.5 and len(report["runs"]) == 2
+    assert [c["step"] for c in report["curve"]] == [2, 4] and report["cpu_seconds"] > 0
+    assert (tmp_path / "ckpt" / "training-curve.png").stat().st_size > 1000
+    assert "## Numbers" in (tmp_path / "ckpt" / "README.md").read_text()
+
+
+def test_resuming_without_a_saved_state_is_a_clear_error(tmp_path, capsys):
+    from tokcomp.tiny.train import main
+
+    assert main(["--out", str(tmp_path / "none"), "--resume", "--test-config"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_evidence_marks_the_tokens_that_hold_the_answer():
+    """Every answer word of every task has evidence on some patch (a count of zero images excepted), and
+    the evidence of a colour question is exactly the patch of the object asked about."""
+    for task in TASKS:
+        for item in generate(task, "train", 12):
+            assert len(item.evidence) == len(item.target.split()) + 1 and not any(m.any() for m in item.evidence[-1])
+            words = item.evidence[:-1]
+            if not (item.kind == "count" and task == "tc_multi" and item.answer == "zero"):
+                assert all(any(m.any() for m in step) for step in words), (item.question, item.answer)
+    for item in (it for it in generate("tc_shapes", "train", 40) if it.kind == "color"):
+        (labels,), ((mask,),) = item.labels, item.evidence[:-1]
+        shape = item.question.removeprefix("what color is the ").removesuffix("?")
+        from tokcomp.tiny.tasks import COLORS, SHAPES
+
+        assert (mask == (labels["shape"] == SHAPES.index(shape) + 1)).all()
+        assert set(labels["color"][mask]) == {list(COLORS).index(item.answer) + 1}

@@ -31,9 +31,9 @@ out = Console(soft_wrap=True)
 
 
 F = TypeVar("F", bound=Callable[..., None])
-METHOD_HELP = (
-    f"A method ({' | '.join(METHOD_NAMES)}, or a+b) or a preset in configs/ (dymu-mid, dycoke, ...); "
-    "`tokcomp methods` lists them with their settings."
+METHOD_HELP = (  # the command first, so that the help's wrapping never splits it
+    "`tokcomp methods` lists them all with their settings. "
+    f"A method ({' | '.join(METHOD_NAMES)}, or a+b) or a preset in configs/ (dymu-mid, dycoke, ...)."
 )
 DTYPE_HELP = (
     "auto (bfloat16 on a GPU, float32 on the CPU) | float32 | bfloat16 | float16; a calibration is used in the "

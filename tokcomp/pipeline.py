@@ -19,7 +19,6 @@ import inspect
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +26,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from tokcomp.errors import TokcompError
-from tokcomp.methods.attention import LLMRun, use_attention
 from tokcomp.methods.base import Method
-from tokcomp.methods.vtu import VTUState
 from tokcomp.models.adapters import VLMAdapter
 from tokcomp.models.visual import UnitTokens
 
@@ -63,6 +60,10 @@ class Account:
     kv_bytes_per_layer: list[int] = field(default_factory=list)  # the same, per decoder layer
     decode_visual_attended: float = 0.0  # visual keys attended per layer and decode step (mean)
     methods: dict = field(default_factory=dict)  # method-specific numbers (DyCoke's retained ratio, ...)
+    # what the method's pre-LLM selection recorded for this request (adaptive's plan), by method name;
+    # read by its report, not written out
+    selection: dict = field(default_factory=dict, repr=False, compare=False)
+    timings_ms: dict = field(default_factory=dict)  # under stock generate: preprocess, vision, select, prefill
 
 
 @dataclass
@@ -147,11 +148,19 @@ def _sync(device: torch.device) -> None:
 class Pipeline:
     """Runs requests through a loaded VLM with the method attached to it (or the plain model)."""
 
-    def __init__(self, adapter: VLMAdapter, method: Method | None = None, vtu_on_identity: bool = False) -> None:
-        """``vtu_on_identity`` runs the VTU path even when nothing merged (to check it against the plain model)."""
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        method: Method | None = None,
+        vtu_on_identity: bool = False,
+        generation: dict | None = None,
+    ) -> None:
+        """``vtu_on_identity`` runs the VTU path even when nothing merged (to check it against the plain
+        model); ``generation``: keyword arguments for the stock ``generate`` (greedy by default)."""
         self.adapter = adapter
         self.method = method or adapter.active_method or Method()
         self.vtu_on_identity = vtu_on_identity
+        self.generation = dict(generation or {})
 
     @property
     def device(self) -> torch.device:
@@ -172,31 +181,63 @@ class Pipeline:
         adapter = self.adapter
         units = self.prepare(requests) if units is None else units
         merging = adapter.merging is not None and self.method.encoder_rule(adapter) is not None
+        trace = adapter.trace  # the encoder trace the method reads, if any: each unit gets it per position
+        if trace is not None:
+            trace.take()  # nothing traced before this call
         if not merging:
-            return [adapter.stock_unit_tokens(req) for req in units]
+            out = []
+            for req in units:
+                tokens = adapter.stock_unit_tokens(req)
+                if trace is not None:
+                    adapter.add_trace(req, tokens, trace.take(), stock=True)
+                out.append(tokens)
+            return out
         views = torch.cat([u.views for req in units for u in req]) if any(units) else None
         encoded = adapter.encode(views.to(self.device), project=True) if views is not None else []
+        traced = trace.take() if trace is not None else []
         out, cursor = [], 0
         for req in units:
-            tokens = []
+            tokens, start = [], cursor
             for unit in req:
                 n = unit.views.shape[0]
                 tokens.append(adapter.merged_unit_tokens(unit, encoded[cursor : cursor + n]))
                 cursor += n
+            if trace is not None:
+                adapter.add_trace(req, tokens, traced[start:cursor], stock=False)
             out.append(tokens)
         return out
 
-    def select(self, request: Request, kinds: list[str], tokens: list[UnitTokens]) -> list[UnitTokens]:
-        """The method's pre-LLM selection (TTM, pruning) on one request's units, given its prompt."""
-        ids = self.adapter.tokenizer(request.prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        text = self.adapter.embed_tokens(ids.to(self.device))
-        return self.method.select_request(self.adapter, kinds, tokens, text)
+    def select(
+        self, request: Request, kinds: list[str], tokens: list[UnitTokens], record: dict | None = None
+    ) -> list[UnitTokens]:
+        """The method's pre-LLM selection (TTM, pruning) on one request's units, given its prompt;
+        ``record`` receives what the method decided for this request."""
+        adapter = self.adapter
+        prompt = adapter.build_prompt(request.prompt, len(request.images), bool(request.video))
+        ids = adapter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        return self.select_ids(ids, kinds, tokens, record)
+
+    def select_ids(
+        self, ids: torch.Tensor, kinds: list[str], tokens: list[UnitTokens], record: dict | None = None
+    ) -> list[UnitTokens]:
+        """The selection given the prompt's token ids: text-aware methods read the embeddings of its text
+        tokens as the LLM receives them (the chat template's words included, placeholders left out)."""
+        adapter = self.adapter
+        placeholders = [t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None]
+        text_ids = ids[~torch.isin(ids, torch.tensor(placeholders, dtype=ids.dtype))]
+        text = adapter.embed_tokens(text_ids.to(self.device))
+        return self.method.select_request(adapter, kinds, tokens, text, record)
 
     # --- splice ------------------------------------------------------------------------------
     def splice(self, request: Request, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
         adapter = self.adapter
         text = adapter.build_prompt(request.prompt, len(request.images), bool(request.video))
         ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        return self.splice_ids(ids, units, unit_kinds)
+
+    def splice_ids(self, ids: torch.Tensor, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
+        """The LLM input of token ids holding one placeholder per visual unit, with the units put in place."""
+        adapter = self.adapter
         placeholder_ids = {adapter.image_token_id: "image"}
         if adapter.video_token_id is not None:
             placeholder_ids[adapter.video_token_id] = "video"
@@ -352,17 +393,22 @@ class Pipeline:
         encoded = self.visual_tokens(requests, units)
         _sync(dev)
         t_enc = time.perf_counter()
-        unit_tokens = [self.select(r, k, u) for r, k, u in zip(requests, kinds, encoded, strict=True)]
+        records: list[dict] = [{} for _ in requests]  # per request, for this call only
+        unit_tokens = [
+            self.select(r, k, u, rec) for r, k, u, rec in zip(requests, kinds, encoded, records, strict=True)
+        ]
         _sync(dev)
         t_sel = time.perf_counter()
         merge_s = (self.adapter.merging.seconds if self.adapter.merging is not None else 0.0) - merge_before
         spliced = [self.splice(r, u, k) for r, u, k in zip(requests, unit_tokens, kinds, strict=True)]
+        for s, rec in zip(spliced, records, strict=True):
+            s.account.selection = rec
         self._check_length(spliced, max_new_tokens)
         batch = self.collate(spliced)
         use_vtu = self.method.uses_vtu and (self.vtu_on_identity or not all(s.is_identity for s in spliced))
 
         t1 = time.perf_counter()
-        run = self._run(batch, use_vtu, max_new_tokens)
+        run = self._run(batch, use_vtu, max_new_tokens, spliced)
         _sync(dev)
         decode = time.perf_counter() - t1 - run.prefill_s
         eos_ids = set(self._eos_ids())
@@ -399,77 +445,51 @@ class Pipeline:
         eos = self.adapter.model.generation_config.eos_token_id
         return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
-    def _run(self, batch: Batch, use_vtu: bool, max_new_tokens: int) -> _RunResult:
-        """Prefill and greedy decoding of one batch."""
+    def _run(self, batch: Batch, use_vtu: bool, max_new_tokens: int, spliced: Sequence[Spliced]) -> _RunResult:
+        """Prefill and decoding of one batch: the stock ``generate`` of the model, through the same hooks
+        that compress a user's own ``model.generate`` (``tokcomp.stock``); greedy unless ``generation``
+        says otherwise."""
         adapter = self.adapter
-        lm = adapter.language_model
-        cache = DynamicCache(config=lm.config)
-        cache_kwarg = _cache_argument(lm, cache)
-        bsz = batch.embeds.shape[0]
-        dev = batch.embeds.device
-        eos_ids = torch.tensor(self._eos_ids(), dtype=torch.long, device=dev)
-        pad_id = adapter.tokenizer.pad_token_id or 0
-        t_start = time.perf_counter()
-        attention_mask = batch.unique_valid.long()
-        visual = batch.visual_full if use_vtu else batch.visual_unique
-        hooks = self.method.attention_hooks(visual, cache)
-        prefill_hooks = [h for h in hooks if h.active_in_prefill]
-        if use_vtu and prefill_hooks:
-            raise TokcompError(f"{self.method.name}: VTU cannot be combined with pruning inside the prefill")
-        if use_vtu:
-            state = VTUState(
-                mapping=batch.mapping, full_valid=batch.full_valid, positions=batch.full_positions,
-                num_unique=batch.embeds.shape[1], cache=cache, rotary=lm.rotary_emb,
+        bridge = adapter.bridge
+        bridge.prepare(batch, list(spliced), use_vtu)
+        # what generate extends step by step: under VTU the full-length mask and positions (the cache is
+        # full length), else the shortened sequence's own
+        mask = batch.full_valid if use_vtu else batch.unique_valid
+        positions = batch.full_positions if use_vtu else batch.positions
+        options = {"do_sample": False, "num_beams": 1, **self.generation}
+        eos, pad = self._eos_ids(), adapter.tokenizer.pad_token_id
+        bridge.last_call = None
+        try:
+            out = adapter.model.generate(
+                inputs_embeds=batch.embeds, attention_mask=mask.long(), position_ids=positions,
+                max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=eos or None,
+                pad_token_id=pad if pad is not None else (eos[0] if eos else 0),
+                return_dict_in_generate=True, output_logits=True, use_cache=True, **options,
             )  # fmt: skip
-            prefill_context = use_attention(lm, LLMRun(vtu=state))
-            position_ids = torch.zeros(bsz, batch.embeds.shape[1], dtype=torch.long, device=dev)
-            next_positions = batch.full_lengths.clone()
-            valid = batch.full_valid
-        else:
-            run = LLMRun(hooks=prefill_hooks, prefill_valid=batch.unique_valid)
-            prefill_context = use_attention(lm, run) if prefill_hooks else nullcontext()
-            position_ids = batch.positions
-            next_positions = batch.positions[:, -1] + 1
-            valid = batch.unique_valid
-        with prefill_context:
-            out = lm(
-                inputs_embeds=batch.embeds, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, **cache_kwarg,
-            )  # fmt: skip
-        prefill_logits = logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
-        _sync(dev)
-        prefill_s = time.perf_counter() - t_start
-
-        decode_run = LLMRun(hooks=hooks, key_valid=valid)
-        decode_context = use_attention(lm, decode_run) if hooks else nullcontext()
-        attention_mask = valid.long()
-        steps: list[list[int]] = [[] for _ in range(bsz)]
-        finished = torch.zeros(bsz, dtype=torch.bool, device=dev)
-        with decode_context:
-            for step in range(max_new_tokens):
-                token = logits.argmax(dim=-1)
-                token = torch.where(finished, torch.full_like(token, pad_id), token)
-                for b in range(bsz):
-                    if not finished[b]:
-                        steps[b].append(int(token[b]))
-                if eos_ids.numel():
-                    finished |= torch.isin(token, eos_ids)
-                if bool(finished.all()) or step == max_new_tokens - 1:
+        finally:
+            bridge.prepared = None
+        call = bridge.last_call
+        if call is None or not call.from_pipeline:
+            raise TokcompError(f"{self.method.name}: the prefill did not run through tokcomp's hooks")
+        eos_set = set(eos)
+        steps: list[list[int]] = []
+        for row in out.sequences.tolist():
+            ids = []
+            for token in row:
+                ids.append(token)
+                if token in eos_set:
                     break
-                ones = torch.ones(bsz, 1, dtype=attention_mask.dtype, device=dev)
-                attention_mask = torch.cat([attention_mask, ones], dim=1)
-                decode_run.key_valid = attention_mask.bool()
-                out = lm(
-                    inputs_embeds=adapter.embed_tokens(token[:, None]), attention_mask=attention_mask,
-                    position_ids=next_positions[:, None], use_cache=True, **cache_kwarg,
-                )  # fmt: skip
-                next_positions = next_positions + 1
-                logits = adapter.lm_head(out.last_hidden_state[:, -1:, :])[:, -1].float()
+            steps.append(ids)
+        hooks = call.hooks
         self.method.finish(hooks)
+        cache = out.cache
         self.last_cache, self.last_hooks = cache, hooks
-        attended = _decode_attended(hooks, visual)
-        return _RunResult(steps, prefill_logits, prefill_s, _kv_bytes_per_layer(cache, attention_mask.bool(), hooks),
-                          attended)  # fmt: skip
+        generated = out.sequences.shape[1]
+        final_valid = torch.cat([mask, mask.new_ones(mask.shape[0], max(0, generated - 1))], dim=1)
+        visual = batch.visual_full if use_vtu else batch.visual_unique
+        kv = _kv_bytes_per_layer(cache, final_valid.bool(), hooks)
+        return _RunResult(steps, out.logits[0].float(), call.timings_ms["prefill"] / 1000, kv,
+                          _decode_attended(hooks, visual))  # fmt: skip
 
 
 @dataclass

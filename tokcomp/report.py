@@ -90,6 +90,7 @@ def _runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
                     "ttft_ms": task.ttft_ms,
                     "decode_ms_per_token": task.decode_ms_per_token,
                     "_paired": task.paired_ratios,
+                    "_machine": machine_fingerprint(run.machine),
                     "run": str(run.root),
                 }
             )
@@ -98,6 +99,15 @@ def _runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
     frame[numeric] = frame[numeric].astype("float64")
     frame["samples"] = frame["samples"].astype("Int64")
     return frame
+
+
+# What makes two runs' timings comparable at all: the same CPU (or GPU), kernels, threads and torch.
+FINGERPRINT_KEYS = ("cpu", "gpu", "aten_capability", "torch_threads", "torch", "device")
+
+
+def machine_fingerprint(machine: dict) -> str:
+    """The parts of a run's recorded machine that timings depend on, as one string ("" if unrecorded)."""
+    return "|".join(str(machine.get(key, "")) for key in FINGERPRINT_KEYS) if machine else ""
 
 
 def _refuse_duplicates(frame: pd.DataFrame, keys: list[str], what: str) -> None:
@@ -122,15 +132,18 @@ def build_table(runs: Sequence[Run]) -> pd.DataFrame:
     _refuse_duplicates(frame, KEYS, "task / model / method")
     plain = frame[frame["method_name"] == "none"]
     _refuse_duplicates(plain, ["task", "model"], "the uncompressed run of task / model")
-    base = plain[["task", "model", "accuracy_pct", *(c for c, _ in TIMINGS)]]
+    base = plain[["task", "model", "accuracy_pct", "_machine", *(c for c, _ in TIMINGS)]]
     merged = frame.merge(base, on=["task", "model"], how="left", suffixes=("", "_none"))
+    # timings of separate runs compare only from the same machine; same-run (paired) ratios always do
+    same_machine = (merged["_machine"] == merged["_machine_none"]) & (merged["_machine"] != "")
     merged["accuracy_vs_none_pct"] = 100.0 * _ratio(merged["accuracy_pct"], merged["accuracy_pct_none"])
     merged["tokens_pct_full"] = 100.0 * _ratio(merged["tokens_mean"], merged["tokens_full"])
     for column, ratio in TIMINGS:
-        merged[ratio] = _ratio(merged[column], merged[f"{column}_none"])
+        merged[ratio] = _ratio(merged[column], merged[f"{column}_none"]).where(same_machine)
         paired = merged["_paired"].map(lambda p, c=column: p.get(c) if isinstance(p, dict) else None)
         merged[ratio] = paired.astype("float64").fillna(merged[ratio])  # same-run ratios win
-    merged["timing"] = merged["_paired"].map(lambda p: "same run" if isinstance(p, dict) else "across runs")
+    across = same_machine.map({True: "across runs", False: "other machine"})
+    merged["timing"] = merged["_paired"].map(lambda p: "same run" if isinstance(p, dict) else None).fillna(across)
     merged.loc[merged["method_name"] == "none", "timing"] = "—"
     _add_statistics(merged, runs)
     merged["_compressed"] = merged["method_name"] != "none"

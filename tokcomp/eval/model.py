@@ -13,6 +13,7 @@ bytes) in ``records``, keyed by (task, doc_id).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -79,26 +80,39 @@ def split_visuals(visuals: Sequence, frames: int, load_video: Callable) -> tuple
     return images, (clips[0] if clips else None)
 
 
-# Generation settings that greedy decoding honours as they are, or that only act when sampling or searching
-# (so greedy decoding is what they ask for when sampling and beams are off).
-GREEDY_ONLY = {"top_p", "top_k", "length_penalty", "early_stopping", "use_cache", "typical_p", "min_p"}
-NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+# lmms-eval's own keys, not generation settings: the stop strings and the length (tokcomp applies both).
+NOT_GENERATION = ("until", "max_new_tokens")
+
+
+def generation_options(gen_kwargs: dict, task: str) -> dict:
+    """A task's generation settings as keyword arguments for the stock ``generate``: passed straight
+    through, with lmms-eval's conventions made explicit (``temperature: 0`` means greedy). A key that
+    ``GenerationConfig`` does not know, or more than one answer per document, is refused."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    options = {k: v for k, v in gen_kwargs.items() if k not in NOT_GENERATION and v is not None}
+    for key in options:
+        if not hasattr(known, key):
+            raise TokcompError(f"{task} asks for generation setting {key}={options[key]!r}, unknown to generate")
+    if int(options.get("num_return_sequences", 1)) != 1:
+        count = options["num_return_sequences"]
+        raise TokcompError(f"{task} asks for {count} answers per document; tokcomp scores one")
+    temperature = options.get("temperature")
+    if temperature is not None and float(temperature) <= 0:  # lmms-eval's way of saying greedy
+        options.pop("temperature")
+        options["do_sample"] = False
+    elif temperature is not None and "do_sample" not in options:
+        options["do_sample"] = True
+    if not options.get("do_sample"):
+        for key in ("top_p", "top_k", "typical_p", "min_p"):  # sampling-only: greedy ignores them anyway
+            options.pop(key, None)
+    return options
 
 
 def check_generation(gen_kwargs: dict, task: str) -> None:
-    """Refuse a task's generation settings that tokcomp's greedy decoder cannot honour (never ignore them)."""
-    sampling = bool(gen_kwargs.get("do_sample")) or float(gen_kwargs.get("temperature") or 0) > 0
-    if sampling:
-        asked = ", ".join(f"{k}={gen_kwargs[k]!r}" for k in ("do_sample", "temperature") if k in gen_kwargs)
-        raise TokcompError(f"{task} asks for sampling ({asked}); tokcomp decodes greedily (temperature 0)")
-    for key, value in gen_kwargs.items():
-        if key in ("max_new_tokens", "until", "do_sample", "temperature") or key in GREEDY_ONLY:
-            continue
-        if key in NEUTRAL and value in (None, NEUTRAL[key]):
-            continue
-        raise TokcompError(
-            f"{task} asks for generation setting {key}={value!r}, which tokcomp's greedy decoder does not support"
-        )
+    """Refuse a task's generation settings that generate cannot honour (never ignore them)."""
+    generation_options(gen_kwargs, task)
 
 
 def cut_at_stops(text: str, until: Sequence[str] | str | None) -> str:
@@ -179,7 +193,7 @@ class TokcompLMM(lmms):
             check_generation(inst.args[1], inst.args[4])
         results: list[GenerationResult | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: (requests[i].args[4], requests[i].args[3]))
-        pipe = Pipeline(self.adapter, self.method)
+        pipes: dict[str, Pipeline] = {}  # one per distinct generation setting among the tasks
         # --paired-timing: the plain model answers every sample too, in the same process, the two runs
         # alternating which goes first, after one warm-up of each; only the method's answer is scored.
         plain = Pipeline(self.adapter, Method()) if self.paired_timing and type(self.method) is not Method else None
@@ -188,9 +202,13 @@ class TokcompLMM(lmms):
         attached = contextlib.nullcontext() if plain is not None else self.method(self.adapter)
         with Progress(*columns, disable=not self.progress, transient=True) as bar, attached:
             job = bar.add_task(f"{self.model_name} · {self.method_spec}", total=len(requests))
-            chunks = [order[start : start + self.batch_size_per_gpu]
-                      for start in range(0, len(order), self.batch_size_per_gpu)]  # fmt: skip
+            chunks = _chunks(order, self.batch_size_per_gpu, lambda i: _settings_key(requests[i]))
             for number, chunk in enumerate(chunks):
+                options = generation_options(requests[chunk[0]].args[1], requests[chunk[0]].args[4])
+                key = json.dumps(options, sort_keys=True, default=str)
+                pipe = pipes.setdefault(key, Pipeline(self.adapter, self.method, generation=options))
+                if plain is not None:
+                    plain.generation = options
                 prepared = self._requests([requests[i] for i in chunk])
                 batch, max_new = [r for r, _, _ in prepared], max(m for _, m, _ in prepared)
                 if plain is not None and number == 0:  # warm-up, not recorded
@@ -224,3 +242,19 @@ def manifests():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return [ModelManifest("tokcomp", simple_class_path="tokcomp.eval.model.TokcompLMM")]
+
+
+def _settings_key(request: Instance) -> str:
+    """A request's generation settings (without its length and stops), for batching alike ones together."""
+    gen_kwargs = {k: v for k, v in request.args[1].items() if k not in NOT_GENERATION}
+    return json.dumps(gen_kwargs, sort_keys=True, default=str)
+
+
+def _chunks(order: list[int], size: int, key: Callable[[int], str]) -> list[list[int]]:
+    """``order`` cut into batches of at most ``size``, a new one wherever the settings change."""
+    chunks: list[list[int]] = []
+    for index in order:
+        if not chunks or len(chunks[-1]) == size or key(chunks[-1][0]) != key(index):
+            chunks.append([])
+        chunks[-1].append(index)
+    return chunks

@@ -4,9 +4,10 @@ The pipeline switches the language model to it only for the phases that need it:
 (expansion to the full length, see ``vtu.py``), a prefill with attention hooks (FastV), and
 decoding with attention hooks (DyCoke's dynamic KV pruning, FastV). A hooked prefill starts from
 the stock sdpa mask and stock sdpa call, so layers a hook leaves alone compute exactly what they
-would without it. Everything else runs the stock attention, so methods that do nothing stay
-bit-identical to the plain model. The function receives Q/K/V after RoPE and after the cache update,
-as every stock attention function does.
+would without it; hooks that keep everything (a keep ratio of 1) still run their scoring but leave
+every layer on the stock mask and the stock sdpa call, prefill and decoding alike. Everything else
+runs the stock attention, so methods that do nothing stay bit-identical to the plain model. The
+function receives Q/K/V after RoPE and after the cache update, as every stock attention function does.
 """
 
 from __future__ import annotations
@@ -28,9 +29,22 @@ ATTENTION_NAME = "tokcomp"
 
 
 class AttentionHook:
-    """Changes which keys a query sees: in prefill (FastV) or while decoding (DyCoke's DP, FastV)."""
+    """Changes which keys a query sees: in prefill (FastV) or while decoding (DyCoke's DP, FastV).
+
+    A hook lives for one batch (one ``generate`` call), so everything it learns about a request
+    (what it kept, its counters) belongs to that call, indexed by the request's row in the batch.
+    """
 
     active_in_prefill: bool = False
+
+    @property
+    def keeps_everything(self) -> bool:
+        """The hook only observes (a keep ratio of 1): its layers run the stock attention, bit for bit."""
+        return False
+
+    def start_step(self, active: torch.Tensor) -> None:
+        """Called before each decoding step with the requests (B,) still generating; per-request
+        statistics count only those steps, so a request reports the same numbers in any batch."""
 
     def prefill(self, module: nn.Module, query, key, value, mask, scaling, valid):
         """Return the boolean mask (B, 1, Q, K) for this layer's prefill; ``mask`` may be None (causal)."""
@@ -62,6 +76,11 @@ class LLMRun:
     def prefill(self) -> bool:
         return self.key_valid is None
 
+    @property
+    def observing(self) -> bool:
+        """Every hook keeps everything, so the layers compute exactly what the stock attention would."""
+        return bool(self.hooks) and all(h.keeps_everything for h in self.hooks)
+
 
 _ACTIVE: ContextVar[LLMRun | None] = ContextVar("tokcomp_llm_run", default=None)
 
@@ -76,10 +95,17 @@ def tokcomp_attention(module: nn.Module, query, key, value, attention_mask, scal
         mask = attention_mask
         for hook in run.hooks:
             mask = hook.prefill(module, query, key, value, mask, scaling, run.prefill_valid)
+        if run.observing:
+            mask = attention_mask
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     key_valid = run.key_valid
+    stock_key, stock_value = key, value
     for hook in run.hooks:
         key, value, key_valid = hook.decode(module, query, key, value, key_valid, scaling)
+    if run.observing:  # the hooks looked and changed nothing: the stock attention call
+        return sdpa_attention_forward(
+            module, query, stock_key, stock_value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     mask = key_valid[:, None, None, :]
     window = getattr(module, "sliding_window", None)
     if window and mask.shape[-1] > window:

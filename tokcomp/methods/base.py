@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tokcomp.methods.dtome import MergeRule, attach_merging
+from tokcomp.methods.trace import TraceSpec, attach_trace
 
 if TYPE_CHECKING:
     import torch
@@ -23,14 +24,28 @@ class Method:
 
     ``with method(adapter):`` attaches the method's encoder-side hooks to the stock model and makes
     it the adapter's active method; ``tokcomp.pipeline.generate`` then applies its other stages.
+
+    The dataclass holds settings only. What a method learns about one request lives in objects of
+    that ``generate`` call: the ``record`` of the request's selection (kept on its account) and the
+    attention hooks of the batch, both handed back to ``report`` for that request.
     """
 
     name: ClassVar[str] = "none"
     # The kinds of visual input the method acts on ("image", "video").
     inputs: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
+    @property
+    def supports_beam_search(self) -> bool:
+        """False where decode hooks keep per-sequence state that beam reordering would scramble."""
+        return True
+
     def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
         """Token merging inside the vision encoder, if any."""
+        return None
+
+    def encoder_trace(self, adapter: VLMAdapter) -> TraceSpec | None:
+        """The encoder attention the selection reads, if any (``tokcomp.methods.trace``): while the method
+        is attached it is traced, and every unit the selection gets carries it per position (``UnitTokens.trace``)."""
         return None
 
     @property
@@ -55,9 +70,18 @@ class Method:
         return tokens
 
     def select_request(
-        self, adapter: VLMAdapter, kinds: list[str], tokens: list[UnitTokens], text: torch.Tensor
+        self,
+        adapter: VLMAdapter,
+        kinds: list[str],
+        tokens: list[UnitTokens],
+        text: torch.Tensor,
+        record: dict[str, Any] | None = None,
     ) -> list[UnitTokens]:
-        """Pre-LLM selection over all units of one request; ``text`` holds the prompt's embeddings."""
+        """Pre-LLM selection over all units of one request; ``text`` holds the prompt's embeddings.
+
+        ``record`` is this request's own dict for this call (``account.selection`` later): a method
+        keeps what it decided there, under its name, for ``report``.
+        """
         return [self.select(adapter, kind, unit) for kind, unit in zip(kinds, tokens, strict=True)]
 
     def attention_hooks(self, visual: torch.Tensor, cache) -> list[AttentionHook]:
@@ -68,17 +92,25 @@ class Method:
         """Called after a batch with the hooks this method created."""
 
     def report(self, hooks: list[AttentionHook], sample: int, account) -> dict[str, Any]:
-        """Method-specific numbers for one request of the last batch (added to its ``account``)."""
+        """Method-specific numbers for request ``sample`` of the batch ``hooks`` ran on (added to its
+        ``account``, whose ``selection`` holds the request's record); only that request's numbers."""
         return {}
 
     def settings(self) -> dict[str, Any]:
         return {"method": self.name, **asdict(self)}
 
     @contextmanager
-    def __call__(self, adapter: VLMAdapter) -> Iterator[Method]:
+    def __call__(self, target: VLMAdapter | torch.nn.Module) -> Iterator[Method]:
+        """Attach to a tokcomp adapter or to a stock model (``from_pretrained``): inside the block the
+        model's own ``generate`` and forward run this method; on exit the model is as it was."""
+        from tokcomp.models.adapters import VLMAdapter, adapter_for_model
+        from tokcomp.stock import attach_stock_generate
+
+        adapter = target if isinstance(target, VLMAdapter) else adapter_for_model(target)
         self.check(adapter)
         if adapter.active_method is not None:
             raise RuntimeError(f"{adapter.name} already has method '{adapter.active_method.name}' attached")
+        model = adapter.model
         with ExitStack() as stack:
             rule = self.encoder_rule(adapter)
             if rule is not None:
@@ -87,12 +119,21 @@ class Method:
                         adapter.vision_model, rule, protected=adapter.protected, token_order=self.token_order
                     )
                 )
+            spec = self.encoder_trace(adapter)
+            if spec is not None:
+                adapter.trace = stack.enter_context(
+                    attach_trace(adapter.vision_model, spec, cls=adapter.has_cls, merging=adapter.merging)
+                )
+            stack.enter_context(attach_stock_generate(adapter, self))
             adapter.active_method = self
+            model._tokcomp_adapter = adapter
             try:
                 yield self
             finally:
                 adapter.active_method = None
                 adapter.merging = None
+                adapter.trace = None
+                del model._tokcomp_adapter
 
 
 @dataclass
@@ -122,6 +163,16 @@ class Composed(Method):
             raise TokcompError(f"{self.label}: only one method may merge inside the vision encoder")
         return rules[0] if rules else None
 
+    def encoder_trace(self, adapter: VLMAdapter) -> TraceSpec | None:
+        specs = {s for s in (p.encoder_trace(adapter) for p in self.parts) if s is not None}
+        if len({s.layer for s in specs}) > 1:
+            from tokcomp.errors import TokcompError
+
+            raise TokcompError(f"{self.label}: the parts read the encoder attention of different layers")
+        if not specs:
+            return None
+        return TraceSpec(next(iter(specs)).layer, keys=any(s.keys for s in specs))
+
     @property
     def token_order(self) -> str:
         orders = {p.token_order for p in self.parts if p.encoder_rule.__func__ is not Method.encoder_rule}
@@ -131,20 +182,30 @@ class Composed(Method):
     def uses_vtu(self) -> bool:
         return any(p.uses_vtu for p in self.parts)
 
+    @property
+    def supports_beam_search(self) -> bool:
+        return all(p.supports_beam_search for p in self.parts)
+
     def check(self, adapter: VLMAdapter) -> None:
         for part in self.parts:
             part.check(adapter)
         self.encoder_rule(adapter)
+        self.encoder_trace(adapter)
 
     @property
     def keeps_positions(self) -> bool:
         return any(p.keeps_positions for p in self.parts)
 
     def select_request(
-        self, adapter: VLMAdapter, kinds: list[str], tokens: list[UnitTokens], text: torch.Tensor
+        self,
+        adapter: VLMAdapter,
+        kinds: list[str],
+        tokens: list[UnitTokens],
+        text: torch.Tensor,
+        record: dict[str, Any] | None = None,
     ) -> list[UnitTokens]:
         for part in self.parts:
-            tokens = part.select_request(adapter, kinds, tokens, text)
+            tokens = part.select_request(adapter, kinds, tokens, text, record)
         return tokens
 
     def attention_hooks(self, visual: torch.Tensor, cache) -> list[AttentionHook]:

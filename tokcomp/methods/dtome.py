@@ -13,7 +13,6 @@ While nothing has merged and the batch has no padding the layers run exactly the
 
 from __future__ import annotations
 
-import math
 import time
 import types
 from collections.abc import Iterator, Sequence
@@ -35,26 +34,22 @@ class MergeRule:
 
 @dataclass
 class ThresholdRule(MergeRule):
-    """DToMe: every edge above the layer's similarity threshold (``+inf`` switches a layer off)."""
+    """DToMe: every edge above the layer's similarity threshold (``+inf`` selects no edge: a layer off)."""
 
     thresholds: Sequence[float]
 
     def choose(self, layer: int, edges: M.Edges) -> torch.Tensor | None:
-        tau = float(self.thresholds[layer])
-        if math.isinf(tau) and tau > 0:
-            return None
-        return M.select_by_threshold(edges, tau)
+        return M.select_by_threshold(edges, float(self.thresholds[layer]))
 
 
 @dataclass
 class FixedRRule(MergeRule):
-    """ToMe: the ``r`` most similar edges of every image in each layer."""
+    """ToMe: the ``r`` most similar edges of every image in each layer (``r=0`` selects none)."""
 
     r_per_layer: Sequence[int]
 
     def choose(self, layer: int, edges: M.Edges) -> torch.Tensor | None:
-        r = int(self.r_per_layer[layer])
-        return M.select_top_r(edges, r) if r > 0 else None
+        return M.select_top_r(edges, max(0, int(self.r_per_layer[layer])))
 
 
 @dataclass

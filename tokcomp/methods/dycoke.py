@@ -13,6 +13,8 @@ compared with the previous step's; on the first step, or when their cosine simil
 selected visual tokens (plus all text and generated tokens). ``gather`` keeps the full cache, so a
 token dropped at one step can return later (saves compute); ``evict`` removes tokens that stayed
 unselected for ``evict_after`` consecutive steps from the cache of layers ``>= L`` (saves memory).
+``K=0`` runs TTM keeping every token and ``P=0`` runs DP's probe keeping every visual token with the
+stock attention, so ``K=0, P=0`` is the plain model, bit for bit.
 
 ``reference: true`` reproduces the published code instead of the paper: the last window's third
 frame is never pruned, an odd last frame is dropped, kept tokens are in similarity order rather
@@ -120,16 +122,42 @@ class DynamicPruning(AttentionHook):
     stable: torch.Tensor | None = None  # (B,) bool: this step re-used the selection
     slots: torch.Tensor | None = None  # evict mode: original column of each cache slot in layers >= L (-1 pad)
     unselected_for: torch.Tensor | None = None  # (B, L0) consecutive steps a visual column was not selected
-    steps: int = 0
-    reselections: int = 0
+    active: torch.Tensor | None = None  # (B,) bool: requests still generating at this step (None: all)
+    steps: torch.Tensor | None = None  # (B,) long: decoding steps each request observed
+    reselections: torch.Tensor | None = None  # (B,) long: steps at which each request re-selected
     cache_length: int = 0
     seconds: float = 0.0  # the hook's own work (probes, selection, gathers)
-    attended: list[torch.Tensor] = field(default_factory=list)  # (B,) visual keys seen, per layer per step
+    # (B,) visual keys seen, per layer per step; NaN for a request that had already finished
+    attended: list[torch.Tensor] = field(default_factory=list)
     deep: list[torch.Tensor] = field(default_factory=list)  # (B,) the same, layers >= L only
+
+    def __post_init__(self) -> None:
+        zeros = torch.zeros(self.visual.shape[0], dtype=torch.long, device=self.visual.device)
+        self.steps = zeros.clone() if self.steps is None else self.steps
+        self.reselections = zeros.clone() if self.reselections is None else self.reselections
 
     @property
     def prefill_length(self) -> int:
         return int(self.visual.shape[1])
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.prune == 0
+
+    def start_step(self, active: torch.Tensor) -> None:
+        self.active = active
+
+    def _live(self) -> torch.Tensor:
+        """(B,) bool: the requests this step belongs to."""
+        if self.active is None:
+            return torch.ones(self.visual.shape[0], dtype=torch.bool, device=self.visual.device)
+        return self.active.to(self.visual.device)
+
+    def _record(self, seen: torch.Tensor, deep: bool) -> None:
+        seen = seen.float().masked_fill(~self._live(), float("nan"))
+        self.attended.append(seen)
+        if deep:
+            self.deep.append(seen)
 
     def decode(self, module, query, key, value, key_valid, scaling):
         start = time.perf_counter()
@@ -142,21 +170,26 @@ class DynamicPruning(AttentionHook):
         index = module.layer_idx
         if index == self.layer - 1:
             self._observe(query, key, key_valid, scaling)
-        if index >= self.layer:
+        if index >= self.layer and not self.keeps_everything:
             key, value, key_valid = self._restrict(index, key, value, key_valid)
         else:
-            self.attended.append(self.visual.sum(1).float())
+            self._record(self.visual.sum(1), deep=False)
         return key, value, key_valid
 
     def attended_per_sample(self) -> list[float]:
-        """Mean visual keys attended per layer and decode step, per request (all of them before any step)."""
+        """Mean visual keys attended per layer and decode step, per request, over that request's own steps
+        (all of them before any step)."""
+        everything = self.visual.sum(1).float()
         if not self.attended:
-            return [float(v) for v in self.visual.sum(1).tolist()]
-        return torch.stack(self.attended).mean(dim=0).tolist()
+            return everything.tolist()
+        mean = torch.stack(self.attended).nanmean(dim=0)
+        return torch.where(torch.isnan(mean), everything, mean).tolist()
 
     def deep_attended(self, sample: int, default: float) -> float:
-        """Mean visual keys the layers >= L attended per decode step for one request."""
-        return float(torch.stack(self.deep)[:, sample].mean()) if self.deep else float(default)
+        """Mean visual keys the layers >= L attended per decode step for one request (its own steps)."""
+        seen = torch.stack(self.deep)[:, sample] if self.deep else torch.empty(0)
+        seen = seen[~torch.isnan(seen)]
+        return float(seen.mean()) if seen.numel() else float(default)
 
     def valid_columns(self, index: int, length: int) -> torch.Tensor | None:
         """Occupied cache slots of layer ``index`` when eviction changed it, else None."""
@@ -189,11 +222,12 @@ class DynamicPruning(AttentionHook):
             if k > 0:
                 selected[top_k_stable(scores, k)] = True
             self.keep[b] = selected
-        self.reselections += int(drifted.sum())
+        live = self._live()
+        self.reselections += (drifted & live).long()
         self.stable = ~drifted
-        self.steps += 1
-        if self.mode == "evict":
-            self._evict(key.shape[-2])
+        self.steps += live.long()
+        if self.mode == "evict" and not self.keeps_everything:
+            self._evict(key.shape[-2], key_valid)
 
     def _allowed(self, columns: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Which of these original columns layers >= L may read at this step."""
@@ -218,22 +252,21 @@ class DynamicPruning(AttentionHook):
             columns = torch.arange(key.shape[-2], device=key.device).expand(key.shape[0], -1)
             valid = key_valid
         allowed = self._allowed(columns, valid)
-        seen = (allowed & self._is_visual(columns)).sum(1).float()
-        self.attended.append(seen)
-        self.deep.append(seen)
+        self._record((allowed & self._is_visual(columns)).sum(1), deep=True)
         return _gather_columns(key, value, allowed)
 
     def _is_visual(self, columns: torch.Tensor) -> torch.Tensor:
         inside = (columns >= 0) & (columns < self.prefill_length)
         return self.visual.gather(1, columns.clamp(0, self.prefill_length - 1)) & inside
 
-    def _evict(self, cache_length: int) -> None:
+    def _evict(self, cache_length: int, key_valid: torch.Tensor) -> None:
         """Remove visual tokens unselected for ``evict_after`` steps from the caches of layers >= L."""
         self.cache_length = cache_length
         bsz = self.visual.shape[0]
         device = self.visual.device
-        if self.slots is None:
-            self.slots = torch.arange(cache_length - 1, device=device).expand(bsz, -1).clone()
+        if self.slots is None:  # a batch's left padding is no slot of its request
+            columns = torch.arange(cache_length - 1, device=device).expand(bsz, -1)
+            self.slots = columns.masked_fill(~key_valid[:, : cache_length - 1].to(device), -1)
             self.unselected_for = torch.zeros(self.visual.shape, dtype=torch.long, device=device)
         self.unselected_for = torch.where(self.visual & ~self.keep, self.unselected_for + 1, 0)
         gone = self.unselected_for >= self.evict_after  # (B, L0)
@@ -289,6 +322,10 @@ class DyCoke(Method):
     reference: bool = False
     _carry: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def supports_beam_search(self) -> bool:
+        return self.P == 0  # DP re-chooses each sequence's cached keys at every step
+
     def check(self, adapter: VLMAdapter) -> None:
         if not 0 <= self.K < 1 or not 0 <= self.P < 1:
             raise TokcompError("dycoke: K and P must be in [0, 1)")
@@ -301,13 +338,13 @@ class DyCoke(Method):
             raise TokcompError("dycoke: window must be >= 2 and evict_after >= 1")
 
     def select(self, adapter: VLMAdapter, kind: str, tokens: UnitTokens) -> UnitTokens:
-        if kind != "video" or self.K == 0:
+        # K=0 runs TTM keeping every token; the published loops would still drop an odd last frame
+        if kind != "video" or (self.K == 0 and self.reference):
             return tokens
         return apply_ttm(tokens, self.K, self.window, self.reference)
 
     def attention_hooks(self, visual: torch.Tensor, cache) -> list[AttentionHook]:
-        if self.P == 0:
-            return []
+        """One DP hook for the batch; it holds every per-request number of this call (rows of ``visual``)."""
         hook = DynamicPruning(
             layer=self.L, prune=self.P, visual=visual, cache=cache, drift=self.drift, mode=self.mode,
             evict_after=self.evict_after, reference=self.reference,
@@ -324,9 +361,9 @@ class DyCoke(Method):
     def report(self, hooks: list[AttentionHook], sample: int, account) -> dict:
         pruning = [h for h in hooks if isinstance(h, DynamicPruning)]
         out = {"retained_ratio_paper": round(self.retained_ratio(), 4)}
-        if pruning:
-            out["dp_steps"] = pruning[0].steps
-            out["dp_reselections"] = pruning[0].reselections
+        if pruning and self.P > 0:  # request ``sample``'s own steps and re-selections
+            out["dp_steps"] = int(pruning[0].steps[sample])
+            out["dp_reselections"] = int(pruning[0].reselections[sample])
         if account.visual_full:
             # visual keys the pruned layers read per decode step, over the stock visual tokens
             deep = pruning[0].deep_attended(sample, account.visual_positions) if pruning else account.visual_positions

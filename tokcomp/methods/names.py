@@ -1,3 +1,3 @@
 """The registry's method names, importable without torch (for the CLI's help); a test keeps them equal."""
 
-METHOD_NAMES = ("none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "random", "divprune")
+METHOD_NAMES = ("none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "random", "divprune", "visionzip")

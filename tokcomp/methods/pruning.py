@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -32,8 +32,8 @@ def _check_ratio(name: str, value: float) -> None:
 class TokenScorer(Method):
     """Keep the ``ratio`` best-scoring positions of every image/video (the kvpress ScorerPress idea).
 
-    A subclass only implements ``score``; this class picks the top positions, keeps them in their
-    original order and leaves ``ratio=1`` as the plain model.
+    A subclass only implements ``score``; this class picks the top positions and keeps them in their
+    original order. ``ratio=1`` scores and keeps every position: the plain model, bit for bit.
     """
 
     name: ClassVar[str] = "scorer"
@@ -50,12 +50,10 @@ class TokenScorer(Method):
         """(n,) scores for one unit's positions; higher is kept first."""
         raise NotImplementedError
 
-    def select_request(self, adapter, kinds, tokens, text):
-        if self.ratio >= 1:
-            return tokens
+    def select_request(self, adapter, kinds, tokens, text, record=None):
         out = []
         for index, unit in enumerate(tokens):
-            keep = max(1, round(self.ratio * unit.full))
+            keep = min(unit.full, max(1, round(self.ratio * unit.full)))
             scores = self.score(unit.full_features(), text, index)
             out.append(select_positions(unit, S.top_k_stable(scores, keep).sort().values))
         return out
@@ -231,7 +229,6 @@ class Adaptive(Method):
     floor: float = 0.05
     tau: float = 0.9
     pool: float = 2.0
-    last_plan: AdaptivePlan | None = field(default=None, repr=False, compare=False)
 
     def check(self, adapter: VLMAdapter) -> None:
         _check_ratio("adaptive", self.rho)
@@ -242,8 +239,9 @@ class Adaptive(Method):
     def keeps_positions(self) -> bool:
         return True
 
-    def select_request(self, adapter, kinds, tokens: list[UnitTokens], text):
-        if self.rho >= 1 or not tokens:
+    def select_request(self, adapter, kinds, tokens: list[UnitTokens], text, record=None):
+        """Prunes one request; its plan goes into ``record`` (that request's, for this call only)."""
+        if not tokens:
             return tokens
         groups: list[tuple[int, torch.Tensor]] = []  # (unit, positions in the unit) per image/frame
         for u, unit in enumerate(tokens):
@@ -254,7 +252,8 @@ class Adaptive(Method):
                 groups.append((u, torch.arange(unit.full)))
         feats = [tokens[u].full_features()[pos].float().cpu() for u, pos in groups]
         plan = adaptive_select(feats, text.float().cpu(), self.rho, self.floor, self.tau, self.pool)
-        self.last_plan = plan
+        if record is not None and self.rho < 1:  # rho=1 keeps everything and reports nothing, as the plain model
+            record[self.name] = plan
         chosen: list[list[torch.Tensor]] = [[] for _ in tokens]
         for (u, pos), keep in zip(groups, plan.kept, strict=True):
             chosen[u].append(pos[keep])
@@ -266,9 +265,9 @@ class Adaptive(Method):
         return out
 
     def report(self, hooks, sample: int, account) -> dict:
-        if self.last_plan is None:
+        plan = account.selection.get(self.name)
+        if plan is None:
             return {}
-        plan = self.last_plan
         return {
             "adaptive": {
                 "budget": plan.budget,
@@ -278,16 +277,14 @@ class Adaptive(Method):
             }
         }
 
-    def settings(self) -> dict:
-        data = super().settings()
-        data.pop("last_plan", None)
-        return data
-
 
 # --- FastV -------------------------------------------------------------------------------------
 @dataclass
 class FastVPruning(AttentionHook):
-    """Inside the LLM: after layer K-1, keep the visual tokens the last token attends to most."""
+    """Inside the LLM: after layer K-1, keep the visual tokens the last token attends to most.
+
+    A keep share of 1 ranks and keeps every visual token and leaves the attention stock.
+    """
 
     layer: int
     keep: float
@@ -296,6 +293,10 @@ class FastVPruning(AttentionHook):
     kept: torch.Tensor | None = None
     active_in_prefill: bool = True
     seconds: float = 0.0  # the hook's own work (the probe and the masks)
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.keep >= 1
 
     def attended_per_sample(self) -> list[float]:
         """Visual keys per layer (mean over layers): all below K, the kept ones from K on."""
@@ -316,7 +317,7 @@ class FastVPruning(AttentionHook):
         index = module.layer_idx
         if index == self.layer - 1:
             self._rank(query, key, valid, scaling)
-        if index < self.layer or self.kept is None:
+        if index < self.layer or self.kept is None or self.keeps_everything:
             return mask
         allowed = ~self.visual | self.kept
         full = causal_mask(valid) if mask is None else mask.bool()
@@ -361,6 +362,4 @@ class FastV(Method):
             raise TokcompError(f"fastv: K must be between 1 and {layers - 1} for this {layers}-layer LLM")
 
     def attention_hooks(self, visual, cache):
-        if self.R >= 1:
-            return []
         return [FastVPruning(layer=self.K, keep=self.R, visual=visual, num_layers=len(cache.layers))]

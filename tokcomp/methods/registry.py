@@ -18,6 +18,7 @@ from tokcomp.methods.base import Composed, Method
 from tokcomp.methods.dycoke import DyCoke
 from tokcomp.methods.dymu import DToMeOnly, DyMU, ToMe
 from tokcomp.methods.pruning import Adaptive, DivPrune, FastV, RandomPruning
+from tokcomp.methods.visionzip import VisionZip
 
 METHODS: dict[str, type[Method]] = {
     "none": Method,
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Method]] = {
     "fastv": FastV,
     "random": RandomPruning,
     "divprune": DivPrune,
+    "visionzip": VisionZip,
 }
 
 

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from tokcomp.errors import TokcompError
 from tokcomp.methods.dtome import LayerSnapshot, MergeRule, MergeState, attach_merging, encoder_layers
 from tokcomp.methods.merge import TokenOrder
+from tokcomp.methods.trace import EncoderTrace, TraceView
 
 
 @dataclass
@@ -46,9 +47,11 @@ class VLMAdapter:
         self.name = name
         self.path = path
         self.merging: MergeState | None = None  # set while a merging method is attached
+        self.trace: EncoderTrace | None = None  # set while a method that reads an encoder trace is attached
         self.active_method = None  # set while a method is attached with ``with method(adapter):``
         self.shape = None  # the real-model shape this stands for (benchmark presets), if any
         self.processor_template: str | None = None  # the processor's chat template (load_vlm finds it)
+        self.bridge = None  # the hooks on the stock model's forward and generate while a method is attached
 
     # --- vision encoder geometry -------------------------------------------------------------
     @property
@@ -195,6 +198,42 @@ class VLMAdapter:
         """A unit's unique tokens and map, from its merged views (features already projected)."""
         raise NotImplementedError
 
+    def provenance(self, unit) -> torch.Tensor:
+        """(N, 2) long: (view, patch) of every position of the unit's stock layout (see ``UnitTokens``)."""
+        raise NotImplementedError
+
+    def layout(self, unit, values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """Per-patch values of the unit's views, (V, P, C), laid out as the stock model lays out its visual
+        features, (N, C): its own packing/pooling on them, ``fill`` (C,) where a position holds no patch."""
+        raise NotImplementedError
+
+    def encode_order(self, units: list) -> list[int]:
+        """The units in the order ``stock_unit_tokens`` runs their views through the vision tower."""
+        return list(range(len(units)))
+
+    def _placed(self, unit, tokens):
+        tokens.provenance = self.provenance(unit).to(tokens.mapping.device)
+        return tokens
+
+    def add_trace(self, units: list, tokens: list, views: list[TraceView], stock: bool) -> None:
+        """Each unit's ``trace`` (and ``trace_keys``) per position from the traced views of its encode:
+        ``stock_unit_tokens`` (views in ``encode_order``) or one merged encode (views in unit order)."""
+        cursor = 0
+        for i in self.encode_order(units) if stock else range(len(units)):
+            mine, cursor = views[cursor : cursor + units[i].views.shape[0]], cursor + units[i].views.shape[0]
+            values = torch.stack([torch.cat([v.scores[:, None], *([v.keys] if v.keys is not None else [])], 1)
+                                  for v in mine])  # fmt: skip
+            laid = self.layout(units[i], values, torch.full(values.shape[-1:], float("nan"), device=values.device))
+            tokens[i].trace = laid[:, 0].to(tokens[i].mapping.device)
+            tokens[i].trace_keys = laid[:, 1:].to(tokens[i].mapping.device) if mine[0].keys is not None else None
+        if cursor != len(views):
+            raise RuntimeError(f"the encoder trace saw {len(views)} views; the units have {cursor}")
+
+    def units_from_inputs(self, rows: list[torch.Tensor], inputs: dict) -> list[tuple[list, list]]:
+        """The visual units of stock processor outputs, per request: (images, videos), each a list of
+        (unit, stock token count) in order; ``rows`` are each request's input ids without padding."""
+        raise NotImplementedError
+
     # --- images ----------------------------------------------------------------------------------
     def encoder_views(self, images: list[Image.Image]) -> torch.Tensor:
         """One encoder-sized view per image, (B, 3, S, S), as the VLM's own processor makes it."""
@@ -284,13 +323,41 @@ class LlavaAdapter(VLMAdapter):
         pixels = torch.cat([u.views for u in units])
         features = self.model.model.get_image_features(pixel_values=pixels).pooler_output
         full = [self.num_patches] * self.num_layers
-        return [identity_tokens(f, full) for f in features]  # one view per image
+        return [self._placed(u, identity_tokens(f, full)) for u, f in zip(units, features, strict=True)]
 
     def merged_unit_tokens(self, unit, views):
         from tokcomp.models.visual import tokens_from_copies
 
         (view,) = views
-        return tokens_from_copies(view.features[view.source], view.source, view.features, view.layer_counts)
+        tokens = tokens_from_copies(view.features[view.source], view.source, view.features, view.layer_counts)
+        return self._placed(unit, tokens)
+
+    def provenance(self, unit):
+        patches = torch.stack([torch.zeros(self.num_patches, dtype=torch.long), torch.arange(self.num_patches)], 1)
+        return patches if self.drops_cls or not self.has_cls else torch.cat([torch.tensor([[-1, -1]]), patches])
+
+    def layout(self, unit, values, fill):
+        return values[0] if self.drops_cls or not self.has_cls else torch.cat([fill[None], values[0]])
+
+    def units_from_inputs(self, rows, inputs):
+        from tokcomp.models.visual import VisualUnit
+
+        if inputs.get("pixel_values_videos") is not None:
+            raise TokcompError(f"{self.name} is a LLaVA-1.5 model: it takes images, not video")
+        pixels = inputs.get("pixel_values")
+        per_image = self.num_patches + (1 if self.has_cls and not self.drops_cls else 0)
+        out, cursor = [], 0
+        for ids in rows:
+            tokens = int((ids == self.image_token_id).sum())
+            if tokens % per_image:
+                raise TokcompError(f"a request holds {tokens} image tokens, not a multiple of {per_image} per image")
+            n = tokens // per_image
+            if pixels is None or cursor + n > pixels.shape[0]:
+                raise TokcompError("the input ids hold more image tokens than the pixel_values give images")
+            out.append(([(VisualUnit("image", pixels[i : i + 1].to(self.dtype)), per_image)
+                         for i in range(cursor, cursor + n)], []))  # fmt: skip
+            cursor += n
+        return out
 
 
 class LlavaOnevisionAdapter(VLMAdapter):
@@ -337,17 +404,20 @@ class LlavaOnevisionAdapter(VLMAdapter):
             for j, (_, u) in enumerate(images):
                 pixels[j, : u.views.shape[0]] = u.views
             sizes = torch.tensor([u.image_size for _, u in images])
+            # the stock grouping: AnyRes crops for a lone image (or every image, ungrouped), else base views
+            grouping = [1] * len(images) if all(u.anyres for _, u in images) else [len(images)]
             out = self.model.model.get_image_features(
-                pixel_values=pixels, image_sizes=sizes, batch_num_images=torch.tensor([len(images)])
+                pixel_values=pixels, image_sizes=sizes, batch_num_images=torch.tensor(grouping)
             ).pooler_output
             for (i, u), features in zip(images, out, strict=True):
                 views = u.views.shape[0]
-                result[i] = identity_tokens(features, [c * views for c in full], views=views)
+                result[i] = self._placed(u, identity_tokens(features, [c * views for c in full], views=views))
         for i, u in enumerate(units):
             if u.kind == "video":
                 features = self.model.model.get_video_features(u.views[None]).pooler_output[0]
                 frames = u.views.shape[0]
-                result[i] = identity_tokens(features, [c * frames for c in full], num_frames=frames, views=frames)
+                tokens = identity_tokens(features, [c * frames for c in full], num_frames=frames, views=frames)
+                result[i] = self._placed(u, tokens)
         return [result[i] for i in range(len(units))]
 
     def merged_unit_tokens(self, unit, views):
@@ -368,18 +438,107 @@ class LlavaOnevisionAdapter(VLMAdapter):
             full = torch.cat([expanded[0], newline[None].to(expanded)])
             owner = torch.cat([owners[0], owners.new_full((1,), -1)])
         frames = len(views) if unit.kind == "video" else 0
-        return tokens_from_copies(full, owner, feats, summed_counts(views), num_frames=frames, views=len(views))
+        tokens = tokens_from_copies(full, owner, feats, summed_counts(views), num_frames=frames, views=len(views))
+        return self._placed(unit, tokens)
+
+    def encode_order(self, units):
+        """``stock_unit_tokens`` encodes every image (one call) before the videos (one call each)."""
+        return sorted(range(len(units)), key=lambda i: units[i].kind != "image")  # stable: images, then videos
+
+    def provenance(self, unit):
+        """Base view and crops by the canvas coordinates packed as the features are; a pooled video position
+        is a patch only where the stock pooling puts all its weight on one patch."""
+        p = self.num_patches
+        newline = torch.tensor([[-1, -1]])
+        if unit.kind == "video":
+            weights = self.model.model.apply_pooling(torch.eye(p)[None])[0]  # (Q, P): each patch's share
+            best, which = weights.max(dim=-1)
+            patch = torch.where((best - 1).abs() < 1e-5, which, torch.full_like(which, -1))
+            frames = unit.views.shape[0]
+            view = torch.arange(frames).repeat_interleave(patch.shape[0])
+            return torch.cat([torch.stack([view, patch.repeat(frames)], 1), newline])
+        if unit.anyres:
+            return self._anyres_provenance(unit)
+        return torch.cat([torch.stack([torch.zeros(p, dtype=torch.long), torch.arange(p)], 1), newline])
+
+    def layout(self, unit, values, fill):
+        model = self.model.model
+        if unit.kind == "video":
+            return torch.cat([model.apply_pooling(values).flatten(0, 1), fill[None].to(values)])
+        if unit.anyres:
+            size = torch.tensor([unit.image_size])
+            return model.pack_image_features([values], size, image_newline=fill.to(values))[0][0]
+        return torch.cat([values[0], fill[None].to(values)])
+
+    def units_from_inputs(self, rows, inputs):
+        """Images in order of ``pixel_values``, grouped by ``batch_num_images`` as the stock model groups
+        them (without it every image gets its AnyRes crops, as in the stock model); one video per request."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        from tokcomp.models.visual import VisualUnit
+
+        pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
+        per_row, videos = inputs.get("batch_num_images"), inputs.get("pixel_values_videos")
+        pinpoints = self.model.config.image_grid_pinpoints
+        out, cursor, video_cursor = [], 0, 0
+        for b, ids in enumerate(rows):
+            image_tokens = int((ids == self.image_token_id).sum())
+            images, taken = [], 0
+            count = int(per_row[b]) if per_row is not None else None
+            while (count is not None and len(images) < count) or (count is None and taken < image_tokens):
+                if pixels is None or cursor >= pixels.shape[0]:
+                    raise TokcompError("the input ids hold more image tokens than the pixel_values give images")
+                size = (int(sizes[cursor][0]), int(sizes[cursor][1]))
+                anyres = count is None or count == 1
+                views = image_size_to_num_patches(size, pinpoints, self.image_size) if anyres else 1
+                unit = VisualUnit("image", pixels[cursor, :views].to(self.dtype), size, anyres)
+                n = self._image_token_count(unit)
+                images.append((unit, n))
+                taken += n
+                cursor += 1
+            video_list = []
+            video_tokens = int((ids == self.video_token_id).sum()) if self.video_token_id is not None else 0
+            if video_tokens:
+                if videos is None or video_cursor >= videos.shape[0]:
+                    raise TokcompError("the input ids hold video tokens but pixel_values_videos gives no video")
+                video_list.append((VisualUnit("video", videos[video_cursor].to(self.dtype)), video_tokens))
+                video_cursor += 1
+            out.append((images, video_list))
+        return out
+
+    def _image_token_count(self, unit) -> int:
+        """The stock model's token count for one image unit (its packing run on one-wide zeros)."""
+        model = self.model.model
+        dummy = torch.zeros(unit.views.shape[0], self.num_patches, 1)
+        newline = torch.zeros(1)
+        if not unit.anyres:
+            return self.num_patches + 1
+        packed = model.pack_image_features([dummy], torch.tensor([unit.image_size]), image_newline=newline)[0][0]
+        return int(packed.shape[0])
 
     def _anyres_layout(self, unit, expanded, owners, newline):
-        """Stock ``pack_image_features`` on the copied-back tokens, and on canvas coordinates."""
+        """Stock ``pack_image_features`` on the copied-back tokens; a position is a merged token's copy where
+        it is exactly one patch (``_anyres_provenance``)."""
+        size = torch.tensor([unit.image_size])
+        full = self.model.model.pack_image_features([expanded], size, image_newline=newline)[0][0]
+        where = self._anyres_provenance(unit)
+        owner = torch.full((where.shape[0],), -1, dtype=torch.long)
+        exact = where[:, 1] >= 0
+        owner[exact] = owners[where[exact, 0], where[exact, 1]].cpu()
+        return full, owner
+
+    def _anyres_provenance(self, unit) -> torch.Tensor:
+        """Stock ``pack_image_features`` on canvas coordinates (row, col, 1; the newline -1, -1, 0): a packed
+        position is a patch where it lands exactly on one, else (its nearest crop, -1)."""
         from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
         model = self.model.model
         h, w = self.grid
         size = torch.tensor([unit.image_size])
-        full = model.pack_image_features([expanded], size, image_newline=newline)[0][0]
-        crops = expanded.shape[0] - 1
-        _, cols_n = get_anyres_image_grid_shape(unit.image_size, model.config.image_grid_pinpoints, self.image_size)
+        crops = unit.views.shape[0] - 1
+        rows_n, cols_n = get_anyres_image_grid_shape(
+            unit.image_size, model.config.image_grid_pinpoints, self.image_size
+        )
         coords = torch.zeros(crops + 1, h * w, 3)
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         for c in range(crops):
@@ -388,16 +547,18 @@ class LlavaOnevisionAdapter(VLMAdapter):
             coords[c + 1, :, 1] = (j * w + xs).flatten().float()
             coords[c + 1, :, 2] = 1.0
         packed = model.pack_image_features([coords], size, image_newline=torch.tensor([-1.0, -1.0, 0.0]))[0][0]
-        owner = torch.full((packed.shape[0],), -1, dtype=torch.long)
-        owner[: h * w] = owners[0]
+        where = torch.full((packed.shape[0], 2), -1, dtype=torch.long)
+        where[: h * w, 0], where[: h * w, 1] = 0, torch.arange(h * w)
         tail = packed[h * w :]
         row, col, present = tail[:, 0], tail[:, 1], tail[:, 2]
-        exact = (present == 1) & (row == row.round()) & (col == col.round()) & (row >= 0)
-        r, cc = row[exact].long(), col[exact].long()
+        real = present > 0.5
+        exact = real & (present == 1) & (row == row.round()) & (col == col.round()) & (row >= 0)
+        r = row.round().long().clamp(0, rows_n * h - 1)
+        cc = col.round().long().clamp(0, cols_n * w - 1)
         crop = (r // h) * cols_n + (cc // w)
-        patch = (r % h) * w + (cc % w)
-        owner[h * w :][exact] = owners[1:][crop, patch]
-        return full, owner
+        where[h * w :, 0] = torch.where(real, crop + 1, -1)
+        where[h * w :, 1] = torch.where(exact, (r % h) * w + (cc % w), -1)
+        return where
 
     def _pooled_layout(self, views, expanded, offsets, newline):
         """Stock frame pooling on the copied-back tokens; a pooled position is pure if one token fills it."""
@@ -416,3 +577,16 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_onevision": LlavaOnevisionAdapter}
+
+
+def adapter_for_model(model: PreTrainedModel) -> VLMAdapter:
+    """The adapter of a stock model loaded by the user (its family from ``config.model_type``)."""
+    existing = getattr(model, "_tokcomp_adapter", None)
+    if existing is not None:
+        return existing
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    cls = ADAPTERS.get(model_type)
+    if cls is None:
+        raise TokcompError(f"model type '{model_type}' is not supported (supported: {', '.join(ADAPTERS)})")
+    return cls(model, None, None, getattr(config, "_name_or_path", "") or type(model).__name__)

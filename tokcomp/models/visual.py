@@ -6,6 +6,9 @@ row newlines, pooled video frames, ...) from the merged tokens copied back to th
 records which layout positions are exact copies of one merged token. Those positions share one
 *unique* token; anything mixed (a newline, a pooled position straddling two groups) is a singleton.
 ``mapping[p]`` gives the unique token of layout position ``p``: this is DyMU's ``M``.
+
+Every position also records where it comes from (``provenance``: encoder view and patch), and, while a
+method that reads an encoder trace is attached, the traced attention score of its patch (``trace``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ class UnitTokens:
     selection (TTM, pruning) shortens it. ``original`` is the stock model's token count, for
     accounting. Video units also record their frame layout (``frame_tokens`` per frame, then one
     trailing newline).
+
+    ``provenance[p]`` is (view, patch) of position ``p``: the encoder view (AnyRes base view 0 then its
+    crops, or the video frame) and the patch (raster order) whose place it takes in the stock layout;
+    patch -1 where the position mixes patches (a pooled video position, an interpolated AnyRes one) and
+    view -1 too where it is no patch at all (a newline, a kept CLS). Under in-encoder merging a position
+    still takes its patch's place; its embedding is the merged token's.
+
+    ``trace``/``trace_keys`` (set by the pipeline when the method declares ``encoder_trace``) are each
+    position's score and keys from ``tokcomp.methods.trace``, laid out by the stock layout itself: a
+    patch's own values, for a mixed position the stock pooling/interpolation of them (for LLaVA-OneVision's
+    2x2 video pooling the mean over the patches it pools), NaN for a newline or CLS.
     """
 
     unique: torch.Tensor  # (N_un, H)
@@ -45,6 +59,9 @@ class UnitTokens:
     frame_tokens: int = 0
     positions: torch.Tensor | None = None  # (N_full,) index of each kept position in the stock layout
     views: int = 1  # encoder views (AnyRes crops, frames) the unit took
+    provenance: torch.Tensor | None = None  # (N_full, 2) long: (view, patch) of each position, -1 where none
+    trace: torch.Tensor | None = None  # (N_full,) float32: the encoder-trace score of each position (NaN: none)
+    trace_keys: torch.Tensor | None = None  # (N_full, d) float32: its traced keys, if the trace has keys
 
     def __post_init__(self) -> None:
         if self.original < 0:
@@ -92,6 +109,51 @@ def select_positions(unit: UnitTokens, keep: torch.Tensor) -> UnitTokens:
         frame_tokens=unit.frame_tokens,
         positions=unit.positions[keep],
         views=unit.views,
+        **_per_position(unit, keep),
+    )
+
+
+def _per_position(unit: UnitTokens, keep: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    names = ("provenance", "trace", "trace_keys")
+    return {n: None if getattr(unit, n) is None else getattr(unit, n)[keep.to(getattr(unit, n).device)] for n in names}
+
+
+def merge_positions(unit: UnitTokens, groups: list[torch.Tensor]) -> UnitTokens:
+    """Positions of ``unit`` merged in groups: each group (indices into the unit's positions) becomes one
+    position at the stock position of its *first* index, carrying the mean of the group's embeddings
+    (and traces); positions in no group are dropped and positions keep their order.
+
+    A group of one is that position as it is, so with groups of one only this is ``select_positions``
+    (bit for bit). A merged position is its own unique token and has provenance (view of the first, -1).
+    """
+    heads = torch.tensor([int(g[0]) for g in groups], dtype=torch.long, device=unit.positions.device)
+    order = torch.sort(unit.positions[heads], stable=True).indices
+    if all(len(g) == 1 for g in groups):
+        return select_positions(unit, heads[order])
+    groups = [groups[int(i)].to(unit.mapping.device) for i in order]
+    feats = unit.full_features()
+
+    def mean(values: torch.Tensor) -> torch.Tensor:
+        rows = [values[g].float().mean(dim=0) if len(g) > 1 else values[g[0]].float() for g in groups]
+        return torch.stack(rows).to(values.dtype)
+
+    extra = _per_position(unit, heads[order])
+    if extra["provenance"] is not None:
+        merged = torch.tensor([len(g) > 1 for g in groups], device=extra["provenance"].device)
+        extra["provenance"][merged, 1] = -1
+    for name in ("trace", "trace_keys"):
+        if extra[name] is not None:
+            extra[name] = mean(getattr(unit, name))
+    return UnitTokens(
+        unique=mean(feats),
+        mapping=torch.arange(len(groups), device=unit.mapping.device),
+        layer_counts=unit.layer_counts,
+        original=unit.original,
+        num_frames=unit.num_frames,
+        frame_tokens=unit.frame_tokens,
+        positions=unit.positions[heads[order]],
+        views=unit.views,
+        **extra,
     )
 
 

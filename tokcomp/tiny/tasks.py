@@ -57,6 +57,9 @@ class Item:
     video: list[Image.Image] | None = None
     # Per image or frame, per-patch training labels (see ``PATCH_LABELS``); not part of the eval files.
     labels: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    # Per answer word (then EOS), per image or frame, the patches that hold the answer's evidence
+    # (training only: where the model should look to write that word; empty where nothing tells).
+    evidence: list[list[np.ndarray]] = field(default_factory=list, repr=False)
 
     @property
     def target(self) -> str:
@@ -208,6 +211,18 @@ def text_labels(text: str, row: int, first: int, grid: int = IMAGE_SIZE // LABEL
             "count": np.full_like(chars, len(text)), **_halves(grid)}  # fmt: skip
 
 
+def object_mask(labels: dict[str, np.ndarray], obj: Obj) -> np.ndarray:
+    """The patches labelled with ``obj`` (a scene's (shape, colour) pairs are distinct)."""
+    return (labels["color"] == list(COLORS).index(obj.color) + 1) & (labels["shape"] == SHAPES.index(obj.shape) + 1)
+
+
+def _with_eos(item: Item, masks: list[list[np.ndarray]]) -> Item:
+    """``masks`` per answer word, then an empty step for EOS."""
+    empty = [np.zeros_like(labels["color"], dtype=bool) for labels in item.labels]
+    item.evidence = [*masks, empty]
+    return item
+
+
 # Objects and letters sit one to a cell of tokcomp-tiny's patch grid, so every patch shows a whole
 # object or letter (a vision transformer trained from scratch in minutes cannot piece shapes
 # together from fragments spread over several patches).
@@ -244,7 +259,21 @@ def make_shapes(rng: random.Random) -> Item:
         if item is not None:
             item.images = [draw_objects(background(rng), objects)]
             item.labels = [object_labels(objects)]
-            return item
+            (labels,) = item.labels
+            evidence = [object_mask(labels, o) for o in objects if _shapes_evidence(item, o)]
+            return _with_eos(item, [[np.any(evidence, axis=0) if evidence else labels["shape"] > 0]])
+
+
+def _shapes_evidence(item: Item, o: Obj) -> bool:
+    """Whether object ``o`` is what the question asks about (every object, for a count)."""
+    q = item.question
+    if item.kind == "color":
+        return f"the {o.shape}?" in q
+    if item.kind == "shape":
+        return f"the {o.color} object" in q
+    if item.kind == "position":
+        return f"the {o.color} {o.shape} " in q
+    return True
 
 
 def _shapes_question(rng: random.Random, kind: str, objects: list[Obj]) -> Item | None:
@@ -289,7 +318,8 @@ def make_text(rng: random.Random) -> Item:
         draw.text((cell_centre(first + k), cell_centre(row)), letter, font=font, fill=fill, anchor="mm")
     question = rng.choice(("what does the text say?", "read the text."))
     labels = text_labels(text, row, first)
-    return Item("tc_text", "read", question, text, [], images=[image], labels=[labels])
+    item = Item("tc_text", "read", question, text, [], images=[image], labels=[labels])
+    return _with_eos(item, [[labels["ordinal"] == k + 1] for k in range(len(text))])
 
 
 # --- tc_multi --------------------------------------------------------------------------------
@@ -335,7 +365,13 @@ def make_multi(rng: random.Random) -> Item:
     pictures = [single_object_image(rng, s, c) for s, c in chosen]
     item.images = [image for image, _ in pictures]
     item.labels = [labels for _, labels in pictures]
-    return item
+    if kind == "which":
+        relevant = [k == target for k in range(n)]
+    elif kind == "match":
+        relevant = [k in (i, j) for k in range(n)]
+    else:
+        relevant = [s == shape for s, _ in chosen]
+    return _with_eos(item, [[(lab["shape"] > 0) & rel for lab, rel in zip(item.labels, relevant, strict=True)]])
 
 
 # --- tc_motion -------------------------------------------------------------------------------
@@ -378,7 +414,9 @@ def make_motion(rng: random.Random) -> Item:
     ]
     item.video = [draw_objects(back, scene) for scene in scenes]
     item.labels = [object_labels(scene) for scene in scenes]
-    return item
+    asked = objects[:2] if kind == "order" else objects[:1]
+    masks = [np.any([object_mask(lab, o) for o in asked], axis=0) for lab in item.labels]
+    return _with_eos(item, [masks])
 
 
 def _lane(rng: random.Random, direction: str) -> list[tuple[int, int]]:

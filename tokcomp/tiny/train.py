@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tokcomp.models.adapters import LlavaOnevisionAdapter
 from tokcomp.models.visual import identity_tokens
@@ -153,11 +157,81 @@ def request_of(item: Item) -> Request:
     return Request(item.prompt, images=list(item.images), video=list(item.video) if item.video else None)
 
 
+PROBE_ATTENTION = "tokcomp_tiny_probe"
+
+
+class AttentionProbe:
+    """The language model's attention for training: stock sdpa everywhere, except one layer computed
+    explicitly so that its attention weights can be supervised (the same math as sdpa)."""
+
+    def __init__(self) -> None:
+        self.layer = -1
+        self.probs: torch.Tensor | None = None
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx != self.layer:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)  # fmt: skip
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        scores = (query @ key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        queries, length = scores.shape[-2], scores.shape[-1]
+        if attention_mask is None:  # causal, the queries being the last ones
+            causal = torch.ones(queries, length, dtype=torch.bool, device=scores.device).tril(length - queries)
+            scores = scores.masked_fill(~causal, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+        self.probs = scores.float().softmax(-1)
+        out = self.probs.to(value.dtype) @ value
+        return out.transpose(1, 2).contiguous(), None
+
+
+PROBE = AttentionProbe()
+AttentionInterface.register(PROBE_ATTENTION, PROBE)
+AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+
+
+def unit_evidence(adapter: LlavaOnevisionAdapter, unit, masks: list[np.ndarray]) -> torch.Tensor:
+    """Which of a unit's LLM tokens hold evidence, from per-picture patch masks, through the stock
+    layout (AnyRes packing with newlines, frame pooling): a token holds evidence if any patch it
+    stands for does."""
+    model = adapter.model.model
+    flat = torch.from_numpy(np.stack(masks).reshape(len(masks), -1, 1)).float()  # (pictures, P, 1)
+    zero = torch.zeros(1)
+    if unit.kind == "video":
+        pooled = model.apply_pooling(flat).flatten(0, 1)[:, 0]
+        return torch.cat([pooled, zero]) > 0
+    if unit.anyres:  # every view shows the whole picture (tokcomp-tiny's one pinpoint is its own size)
+        views = flat.expand(unit.views.shape[0], -1, -1)
+        packed = model.pack_image_features([views], torch.tensor([unit.image_size]), image_newline=zero)[0][0]
+        return packed[:, 0] > 0
+    return torch.cat([flat[0, :, 0], zero]) > 0
+
+
+def item_evidence(adapter, item: Item, units: list, visual: torch.Tensor) -> list[torch.Tensor]:
+    """Per answer step, the (L,) positions of the spliced prompt that hold the evidence for it."""
+    steps = []
+    for masks in item.evidence:
+        pieces, k = [], 0
+        for unit in units:
+            n = unit.views.shape[0] if unit.kind == "video" else 1
+            pieces.append(unit_evidence(adapter, unit, masks[k : k + n]))
+            k += n
+        row = torch.zeros(visual.shape[0], dtype=torch.bool)
+        row[visual.cpu()] = torch.cat(pieces)
+        steps.append(row)
+    return steps
+
+
 def batch_loss(
     adapter: LlavaOnevisionAdapter, items: Sequence[Item], words: PatchWords | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of the answer tokens (and EOS) given the pictures and the prompt, and the
-    per-patch word loss (zero without ``words``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the answer tokens (and EOS) given the pictures and the prompt, the
+    per-patch word loss (zero without ``words``), and the evidence loss: minus the log of the
+    attention mass that each answer step pays, in the probed layer (heads averaged), to the tokens
+    holding its evidence (zero unless the probe is on)."""
     pipe = Pipeline(adapter)
     tok = adapter.tokenizer
     requests = [request_of(it) for it in items]
@@ -169,14 +243,20 @@ def batch_loss(
         if words is not None
         else projected.new_zeros(())
     )
-    seqs, targets = [], []
-    for req, unit_list, feats in zip(requests, units, features, strict=True):
+    seqs, targets, evidence = [], [], []
+    for item, req, unit_list, feats in zip(items, requests, units, features, strict=True):
         tokens = [identity_tokens(f, []) for f in feats]
         spliced = pipe.splice(req, tokens, [u.kind for u in unit_list])
-        answer = [*tok(items[len(seqs)].target, add_special_tokens=False).input_ids, tok.eos_token_id]
+        answer = [*tok(item.target, add_special_tokens=False).input_ids, tok.eos_token_id]
         answer_ids = torch.tensor(answer)
         seqs.append(torch.cat([spliced.embeds, adapter.embed_tokens(answer_ids)]))
         targets.append((spliced.embeds.shape[0], answer_ids))
+        if PROBE.layer >= 0 and item.evidence:
+            if len(item.evidence) != len(answer):
+                raise ValueError(f"{item.task}: {len(item.evidence)} evidence steps for {len(answer)} answer tokens")
+            evidence.append(item_evidence(adapter, item, unit_list, spliced.visual_unique))
+        else:
+            evidence.append([])
     length = max(s.shape[0] for s in seqs)
     embeds = torch.zeros(len(seqs), length, seqs[0].shape[-1])
     mask = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -188,7 +268,17 @@ def batch_loss(
     rows = torch.cat([torch.full((len(ids),), b) for b, (_, ids) in enumerate(targets)])
     cols = torch.cat([torch.arange(len(ids)) + start - 1 for start, ids in targets])
     logits = adapter.lm_head(hidden[rows, cols])
-    return F.cross_entropy(logits.float(), torch.cat([ids for _, ids in targets])), patch_loss
+    answer_loss = F.cross_entropy(logits.float(), torch.cat([ids for _, ids in targets]))
+    evidence_terms = []
+    if PROBE.layer >= 0 and PROBE.probs is not None:
+        attention = PROBE.probs.mean(dim=1)  # (B, L, L), heads averaged
+        for b, ((start, _), steps) in enumerate(zip(targets, evidence, strict=True)):
+            for k, where in enumerate(steps):
+                if where.any():
+                    mass = attention[b, start - 1 + k, : where.shape[0]][where].sum()
+                    evidence_terms.append(-torch.log(mass + 1e-6))
+    evidence_loss = torch.stack(evidence_terms).mean() if evidence_terms else answer_loss.new_zeros(())
+    return answer_loss, patch_loss, evidence_loss
 
 
 def encoder_loss(adapter: LlavaOnevisionAdapter, items: Sequence[Item], words: PatchWords) -> torch.Tensor:
@@ -207,6 +297,44 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
+STATE_FILE = "state.pt"
+STAGES = ("encoder", "answer")
+
+
+def state_dir_for(out_dir: str | Path) -> Path:
+    """Where a run keeps its resumable state: beside the checkpoint folder (``<out>.train/``)."""
+    out = Path(out_dir)
+    return out.parent / f"{out.name}.train"
+
+
+def _save_state(path: Path, state: dict) -> None:
+    """Write the resumable state atomically (a killed run leaves the previous state intact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _validation_accuracy(adapter, items_per_task: int, seed: int) -> dict[str, float]:
+    """Accuracy on the "val" split (never the eval split), for the training curve."""
+    from tokcomp.tiny.evaluate import answer_items, score
+    from tokcomp.tiny.tasks import generate
+
+    was_training, probed = adapter.model.training, PROBE.layer
+    adapter.model.eval()
+    PROBE.layer = -1  # every layer on sdpa while answering
+    out = {}
+    try:
+        with torch.no_grad():
+            for task in TASKS:
+                items = generate(task, "val", items_per_task, seed)
+                out[task] = score(items, answer_items(adapter, items))["accuracy"]
+    finally:
+        adapter.model.train(was_training)
+        PROBE.layer = probed
+    return out
+
+
 def train(
     out_dir: str | Path,
     steps: int,
@@ -217,105 +345,186 @@ def train(
     batch_scale: float = 1.0,
     encoder_steps: int = 600,
     patch_weight: float = 0.5,
+    evidence_weight: float = 0.0,
     eval_items: int = 200,
     log_every: int = 20,
     threads: int = 2,
-    save_every: int = 0,
+    save_minutes: float = 5.0,
+    curve_every: int = 0,
+    curve_items: int = 40,
+    resume: bool = False,
+    stop_after_minutes: float = 0.0,
     log=print,
 ) -> dict:
     """Train, evaluate on ``eval_items`` per task (0: skip) and save the checkpoint with training.json.
 
     First ``encoder_steps`` steps teach the encoder alone from per-patch labels; then the whole model
-    learns to answer, with the per-patch loss kept at ``patch_weight``.
+    learns to answer, with the per-patch loss kept at ``patch_weight`` and the evidence loss (the last
+    layer's attention from each answer step onto the tokens that hold its answer) at
+    ``evidence_weight``. Every ``save_minutes`` the whole
+    state (weights, optimizer, data cursor, history, time spent) goes to ``<out>.train/state.pt``;
+    ``resume`` continues from it with the settings it was started with. ``stop_after_minutes`` ends
+    this run early (state saved, no checkpoint) so that a long training can span several runs.
     """
     from tokcomp.tiny.evaluate import evaluate_tasks
 
     torch.set_num_threads(threads)
-    seed_everything(seed)
-    spec = spec or TINY_SPEC
+    state_path = state_dir_for(out_dir) / STATE_FILE
+    settings = {
+        "seed": seed, "steps": steps, "lr": lr, "warmup": warmup, "spec": spec or TINY_SPEC,
+        "batch_scale": batch_scale, "encoder_steps": encoder_steps, "patch_weight": patch_weight,
+        "evidence_weight": evidence_weight,
+    }  # fmt: skip
+    saved = None
+    if resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
+        saved = torch.load(state_path, weights_only=False)
+        settings = saved["settings"]
+        log(f"resuming {saved['stage']} step {saved['step']} from {state_path}")
+    seed_everything(settings["seed"])
+    spec = settings["spec"]
     tokenizer = build_tokenizer()
     processor = build_image_processor(spec)
-    model = build_model(spec, tokenizer, seed)
+    model = build_model(spec, tokenizer, settings["seed"])
+    if saved is not None:
+        model.load_state_dict(saved["model"])
     adapter = LlavaOnevisionAdapter(model, tokenizer, processor, "tokcomp-tiny")
     words = PatchWords(tokenizer)
+    stock_attention = adapter.language_model.config._attn_implementation
+    if settings.get("evidence_weight", 0.0):
+        PROBE.layer = spec["text"]["num_hidden_layers"] - 1
+        adapter.language_model.set_attn_implementation(PROBE_ATTENTION)
     model.train()
     rotation = task_schedule(TASK_WEIGHTS)
-    cursor = dict.fromkeys(TASKS, 0)
-    history = []
-    start = time.perf_counter()
+    progress = saved or {
+        "stage": STAGES[0], "step": 0, "cursor": dict.fromkeys(TASKS, 0), "history": [], "curve": [],
+        "cpu_seconds": 0.0, "wall_seconds": 0.0, "runs": [],
+    }  # fmt: skip
+    cursor = progress["cursor"]
+    run_started, cpu_started = time.perf_counter(), time.process_time()
+    base_wall, base_cpu = progress["wall_seconds"], progress["cpu_seconds"]
+    run_record = {"machine": _machine(), "threads": threads, "from": f"{progress['stage']}:{progress['step']}"}
+
+    def spent() -> tuple[float, float]:
+        return base_wall + time.perf_counter() - run_started, base_cpu + time.process_time() - cpu_started
 
     def next_items(task: str, scale: float) -> list[Item]:
-        size = max(1, round(BATCH_SIZES[task] * batch_scale * scale))
-        items = [make_item(task, "train", cursor[task] + i, seed) for i in range(size)]
+        size = max(1, round(BATCH_SIZES[task] * settings["batch_scale"] * scale))
+        items = [make_item(task, "train", cursor[task] + i, settings["seed"]) for i in range(size)]
         cursor[task] += size
         return items
-
-    def run_stage(name: str, n: int, params: list, step_loss) -> None:
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98))
-        running: dict[str, list[float]] = {}
-        for step in range(n):
-            task = rotation[step % len(rotation)]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, n, lr, min(warmup, n))
-            loss, parts = step_loss(task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
-            optimizer.step()
-            for key, value in parts.items():
-                running.setdefault(key, []).append(value)
-            if (step + 1) % log_every == 0 or step + 1 == n:
-                means = {k: round(sum(v) / len(v), 4) for k, v in running.items()}
-                elapsed = time.perf_counter() - start
-                history.append({"stage": name, "step": step + 1, "seconds": round(elapsed, 1), "loss": means})
-                log(f"{name} {step + 1}/{n} {elapsed:.0f}s " + " ".join(f"{k}={v:.3f}" for k, v in means.items()))
-                running = {}
-            if save_every and name == "answer" and (step + 1) % save_every == 0 and step + 1 < n:
-                save_checkpoint(model, tokenizer, processor, out_dir)  # a fallback; training.json comes at the end
 
     def encoder_step(task: str):
         loss = encoder_loss(adapter, next_items(task, 2.0), words)
         return loss, {f"patch/{task}": loss.item()}
 
     def answer_step(task: str):
-        answer, patch = batch_loss(adapter, next_items(task, 1.0), words if patch_weight else None)
-        return answer + patch_weight * patch, {task: answer.item(), "patch": patch.item()}
+        weight, evidence_weight = settings["patch_weight"], settings.get("evidence_weight", 0.0)
+        answer, patch, evidence = batch_loss(adapter, next_items(task, 1.0), words if weight else None)
+        loss = answer + weight * patch + evidence_weight * evidence
+        return loss, {task: answer.item(), "patch": patch.item(), f"evidence/{task}": evidence.item()}
 
-    seeing = [model.model.vision_tower, model.model.multi_modal_projector, model.get_input_embeddings()]
-    run_stage("encoder", encoder_steps, _parameter_groups(torch.nn.ModuleList(seeing), 0.05), encoder_step)
-    all_params = _parameter_groups(model, 0.05)
-    run_stage("answer", steps, all_params, answer_step)
-    train_seconds = time.perf_counter() - start
+    seeing = torch.nn.ModuleList(
+        [model.model.vision_tower, model.model.multi_modal_projector, model.get_input_embeddings()]
+    )
+    stage_plan = {
+        "encoder": (settings["encoder_steps"], _parameter_groups(seeing, 0.05), encoder_step),
+        "answer": (settings["steps"], _parameter_groups(model, 0.05), answer_step),
+    }
+
+    def checkpoint_state(optimizer) -> None:
+        wall, cpu = spent()
+        record = {**run_record, "to": f"{progress['stage']}:{progress['step']}",
+                  "wall_seconds": round(wall - base_wall, 1)}  # fmt: skip
+        _save_state(state_path, {
+            **progress, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "wall_seconds": wall, "cpu_seconds": cpu, "runs": [*progress["runs"], record],
+        })  # fmt: skip
+
+    last_save = time.perf_counter()
+    for name in STAGES[STAGES.index(progress["stage"]) :]:
+        n, params, step_loss = stage_plan[name]
+        optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98))
+        if saved is not None and saved["stage"] == name and progress["step"] > 0:
+            optimizer.load_state_dict(saved["optimizer"])
+        if progress["stage"] != name:
+            progress.update(stage=name, step=0)
+        running: dict[str, list[float]] = {}
+        while progress["step"] < n:
+            step = progress["step"]
+            task = rotation[step % len(rotation)]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, n, settings["lr"], min(settings["warmup"], n))
+            loss, parts = step_loss(task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+            optimizer.step()
+            progress["step"] = step = step + 1
+            for key, value in parts.items():
+                running.setdefault(key, []).append(value)
+            if step % log_every == 0 or step == n:
+                means = {k: round(sum(v) / len(v), 4) for k, v in running.items()}
+                wall, cpu = spent()
+                progress["history"].append({"stage": name, "step": step, "seconds": round(wall, 1), "loss": means})
+                log(f"{name} {step}/{n} {wall:.0f}s " + " ".join(f"{k}={v:.3f}" for k, v in means.items()))
+                running = {}
+            if name == "answer" and curve_every and (step % curve_every == 0 or step == n):
+                accuracy = _validation_accuracy(adapter, curve_items, settings["seed"])
+                progress["curve"].append({"step": step, "accuracy": accuracy})
+                log(f"val accuracy at {step}: {accuracy}")
+            stopping = stop_after_minutes and time.perf_counter() - run_started > 60 * stop_after_minutes
+            if save_minutes and (time.perf_counter() - last_save > 60 * save_minutes or stopping) and step < n:
+                checkpoint_state(optimizer)
+                last_save = time.perf_counter()
+            if stopping and step < n:
+                log(f"stopping after {stop_after_minutes} minutes; continue with --resume")
+                PROBE.layer, PROBE.probs = -1, None
+                adapter.language_model.set_attn_implementation(stock_attention)
+                return {"stopped": f"{name}:{step}"}
     model.eval()
+    PROBE.layer, PROBE.probs = -1, None
+    adapter.language_model.set_attn_implementation(stock_attention)
+    wall, cpu = spent()
+    last_run = {**run_record, "to": f"answer:{settings['steps']}", "wall_seconds": round(wall - base_wall, 1)}
     report = {
-        "seed": seed,
-        "encoder_steps": encoder_steps,
-        "steps": steps,
-        "lr": lr,
-        "warmup": warmup,
-        "patch_weight": patch_weight,
-        "batch_sizes": {t: max(1, round(b * batch_scale)) for t, b in BATCH_SIZES.items()},
+        **{k: v for k, v in settings.items() if k != "batch_scale"},
+        "evidence_layer": spec["text"]["num_hidden_layers"] - 1 if settings.get("evidence_weight") else None,
+        "batch_sizes": {t: max(1, round(b * settings["batch_scale"])) for t, b in BATCH_SIZES.items()},
         "task_weights": TASK_WEIGHTS,
         "items_seen": cursor,
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "runs": [*progress["runs"], last_run],
         "threads": threads,
         "torch": torch.__version__,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "spec": spec,
-        "loss_history": history,
+        "loss_history": progress["history"],
+        "curve": progress["curve"],
     }
     if eval_items:
         t0 = time.perf_counter()
-        report["eval"] = evaluate_tasks(adapter, eval_items, seed=seed)
+        report["eval"] = evaluate_tasks(adapter, eval_items, seed=settings["seed"])
         report["eval_seconds"] = round(time.perf_counter() - t0, 1)
         log(json.dumps(report["eval"]))
     out = save_checkpoint(model, tokenizer, processor, out_dir)
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    from tokcomp.tiny.card import plot_curve, write_model_card
+
+    plot_curve(report, out / "training-curve.png")
+    write_model_card(report, out / "README.md")
     return report
 
 
+def _machine() -> str:
+    from tokcomp.machine import machine_description
+
+    return machine_description()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokcomp.tiny.train", description="Train tokcomp-tiny on CPU.")
+    parser = argparse.ArgumentParser(prog="tokcomp train-tiny", description="Train tokcomp-tiny on CPU (resumable).")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder (default: checkpoints/tokcomp-tiny)")
     parser.add_argument("--steps", type=int, default=5000, help="answer-stage optimizer steps (default 5000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -323,20 +532,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--encoder-steps", type=int, default=600, help="encoder-only steps on per-patch words first")
     parser.add_argument("--patch-weight", type=float, default=0.5, help="weight of the per-patch loss afterwards")
+    parser.add_argument("--evidence-weight", type=float, default=0.0,
+                        help="weight of the evidence loss on the last layer's attention (default 0: off)")  # fmt: skip
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every task's batch size")
     parser.add_argument("--eval-items", type=int, default=200, help="eval items per task after training (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--log-every", type=int, default=20, help="print mean losses every N steps")
-    parser.add_argument("--save-every", type=int, default=0, help="also save the checkpoint every N steps")
+    parser.add_argument("--save-minutes", type=float, default=5.0, help="save the resumable state every N minutes")
+    parser.add_argument("--curve-every", type=int, default=1000, help="validation accuracy every N steps (0: never)")
+    parser.add_argument("--curve-items", type=int, default=40, help="validation items per task for the curve")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.train/state.pt")
+    parser.add_argument("--stop-after-minutes", type=float, default=0.0, help="save the state and stop after N minutes")
     parser.add_argument("--test-config", action="store_true", help="a very small model (for smoke tests)")
     args = parser.parse_args(argv)
-    train(
-        args.out, args.steps, seed=args.seed, lr=args.lr, warmup=args.warmup,
-        spec=TEST_SPEC if args.test_config else TINY_SPEC, batch_scale=args.batch_scale,
-        encoder_steps=args.encoder_steps, patch_weight=args.patch_weight,
-        eval_items=args.eval_items, log_every=args.log_every, threads=args.threads, save_every=args.save_every,
-        log=lambda m: print(m, flush=True),
-    )  # fmt: skip
+    try:
+        train(
+            args.out, args.steps, seed=args.seed, lr=args.lr, warmup=args.warmup,
+            spec=TEST_SPEC if args.test_config else TINY_SPEC, batch_scale=args.batch_scale,
+            encoder_steps=args.encoder_steps, patch_weight=args.patch_weight, evidence_weight=args.evidence_weight,
+            eval_items=args.eval_items, log_every=args.log_every, threads=args.threads,
+            save_minutes=args.save_minutes, curve_every=args.curve_every, curve_items=args.curve_items,
+            resume=args.resume, stop_after_minutes=args.stop_after_minutes,
+            log=lambda m: print(m, flush=True),
+        )  # fmt: skip
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,61 @@
+"""What a stock processor gives ``model.generate``: expanded placeholder ids, pixel values, sizes.
+
+LLaVA-1.5 uses transformers' own ``LlavaProcessor``. The stock ``LlavaOnevisionProcessor`` needs a
+video processor, which needs torchvision (not installable beside the CPU torch, see the Makefile),
+so for OneVision the same outputs are built here the way that processor builds them: the chat
+template, each ``<image>`` expanded to the image's token count (AnyRes for a lone image, the base
+view plus a newline for each of several), ``<video>`` to frames x pooled tokens + 1, the image
+processor's ``pixel_values`` / ``image_sizes``, and ``batch_num_images``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlavaProcessor
+
+from tokcomp.models.visual import VisualUnit
+
+
+def stock_inputs(adapter, prompts: list[str], images: list[list], videos: list | None = None) -> dict:
+    """Left-padded stock inputs for a batch of requests (``images[b]``: request b's images)."""
+    tok = adapter.tokenizer
+    tok.padding_side = "left"
+    videos = videos or [None] * len(prompts)
+    if adapter.family == "llava":
+        processor = LlavaProcessor(
+            image_processor=adapter.image_processor, tokenizer=tok, chat_template=adapter.chat_template(),
+            patch_size=adapter.vision_config.patch_size, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )  # fmt: skip
+        texts = [adapter.build_prompt(p, len(ims), False) for p, ims in zip(prompts, images, strict=True)]
+        flat = [im for ims in images for im in ims]
+        return dict(processor(images=flat or None, text=texts, return_tensors="pt", padding=True))
+    texts, pixels, sizes, clips = [], [], [], []
+    for prompt, ims, video in zip(prompts, images, videos, strict=True):
+        text = adapter.build_prompt(prompt, len(ims), video is not None)
+        for unit in adapter.prepare_units(list(ims), None):
+            text = text.replace("<image>", "\x00" * adapter._image_token_count(unit), 1)
+        if video is not None:
+            (unit,) = adapter.prepare_units([], list(video))
+            pooled = adapter.model.model.get_video_features(unit.views[None]).pooler_output[0].shape[0]
+            text = text.replace("<video>", "\x01" * pooled, 1)
+            clips.append(unit.views)
+        texts.append(text.replace("\x00", "<image>").replace("\x01", "<video>"))
+        if ims:
+            out = adapter.image_processor(images=[im.convert("RGB") for im in ims], return_tensors="pt")
+            pixels.append(out["pixel_values"])
+            sizes.append(out["image_sizes"])
+    encoded = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    if pixels:
+        most = max(p.shape[1] for p in pixels)
+        padded = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+        encoded.update(
+            pixel_values=torch.cat(padded), image_sizes=torch.cat(sizes),
+            batch_num_images=torch.tensor([len(ims) for ims in images if ims]),
+        )  # fmt: skip
+    if clips:
+        encoded["pixel_values_videos"] = torch.stack(clips)
+    return encoded
+
+
+__all__ = ["VisualUnit", "stock_inputs"]

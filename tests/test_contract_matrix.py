@@ -1,0 +1,576 @@
+"""The contract every registered method keeps, on both tiny families.
+
+For every name in ``METHODS`` (a newly registered method is covered, or fails here until it has
+entries in the tables below):
+
+* a neutral setting runs the method's own scoring/selection/hook code and is bit-identical to the
+  plain model (answer ids and prefill logits);
+* a batch of different requests gives each request exactly its answer and account alone;
+* leaving ``with method(adapter):`` restores the model: weights, buffers, hooks, attention functions;
+* a behavioural oracle per method (see ``ORACLES``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from tokcomp.methods import selection as S
+from tokcomp.methods.dtome import encoder_layers
+from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
+from tokcomp.methods.pruning import DivPrune, FastVPruning
+from tokcomp.methods.registry import METHODS, build_method
+from tokcomp.pipeline import Pipeline, Request
+
+# A neutral setting per method, and the functions (``module:attr`` or ``module:Class.attr``) that must
+# run under it: proof that the method's own code ran rather than an early return.
+NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
+    "none": ({}, ["tokcomp.methods.base:Method.select"]),
+    "dymu": ({"threshold": "inf"}, ["tokcomp.methods.merge:select_by_threshold"]),
+    "dtome": ({"threshold": "inf"}, ["tokcomp.methods.merge:select_by_threshold"]),
+    "tome": ({"r": "0"}, ["tokcomp.methods.merge:select_top_r"]),
+    "dycoke": ({"K": "0", "P": "0"},
+               ["tokcomp.methods.dycoke:ttm_select", "tokcomp.methods.dycoke:DynamicPruning._observe"]),
+    "adaptive": ({"rho": "1"}, ["tokcomp.methods.pruning:adaptive_select"]),
+    "fastv": ({"R": "1"}, ["tokcomp.methods.pruning:FastVPruning._rank"]),
+    "random": ({"ratio": "1"}, ["tokcomp.methods.pruning:RandomPruning.score"]),
+    "divprune": ({"ratio": "1"}, ["tokcomp.methods.pruning:DivPrune.score"]),
+    # every token left after the dominant ones is a contextual centre of its own: nothing merges
+    "visionzip": ({"dominant": "10", "contextual": "100000"},
+                  ["tokcomp.methods.trace:EncoderTrace.record", "tokcomp.methods.visionzip:VisionZip.groups",
+                   "tokcomp.methods.selection:cosine_matrix"]),
+}  # fmt: skip
+
+# Settings that compress, for batching (all of them) and detaching and the oracles (the first).
+COMPRESSING: dict[str, list[dict[str, str]]] = {
+    "none": [{}],
+    "dymu": [{"budget": "mid"}],
+    "dtome": [{"budget": "mid"}],
+    "tome": [{"r": "6"}],
+    "dycoke": [{"L": "2"}, {"L": "2", "mode": "evict"}],  # K=0.7, P=0.7
+    "adaptive": [{"rho": "0.3"}],
+    "fastv": [{"K": "2", "R": "0.25"}],
+    "random": [{"ratio": "0.3", "seed": "1"}],
+    "divprune": [{"ratio": "0.25"}],
+    "visionzip": [{"dominant": "20", "contextual": "6"}],
+}
+
+# The behavioural oracle(s) of each method: test functions of this module.
+ORACLES: dict[str, list[str]] = {
+    "none": ["test_none_is_the_stock_forward"],
+    "dymu": ["test_encoder_attention_is_proportional_to_merged_sizes", "test_dymu_keeps_every_position_with_vtu"],
+    "dtome": ["test_encoder_attention_is_proportional_to_merged_sizes", "test_dtome_feeds_merged_tokens_contiguously"],
+    "tome": ["test_encoder_attention_is_proportional_to_merged_sizes", "test_tome_merges_exactly_r_per_layer"],
+    "dycoke": ["test_dycoke_ttm_keeps_the_stated_share_of_the_most_changed_tokens",
+               "test_dycoke_dp_reads_the_stated_share_in_deep_layers"],
+    "adaptive": ["test_adaptive_budgets_add_up_to_the_global_budget"],
+    "fastv": ["test_fastv_ranks_by_the_last_query", "test_fastv_keeps_what_the_last_query_attends_to_in_the_model"],
+    "random": ["test_random_keeps_exactly_the_budget_and_is_seeded"],
+    "divprune": ["test_divprune_starts_at_the_largest_total_distance_and_goes_max_min"],
+    "visionzip": ["test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_groups"],
+}  # fmt: skip
+
+PROMPTS = ["what is in the picture ?", "describe it", "how many objects are there in these pictures ?"]
+NEW_TOKENS = 3
+NAMES = list(METHODS)
+
+
+def _neutral(name: str) -> tuple[dict[str, str], list[str]]:
+    if name not in NEUTRAL:
+        pytest.fail(f"registered method '{name}' has no neutral setting in tests/test_contract_matrix.py NEUTRAL")
+    return NEUTRAL[name]
+
+
+def _compressing(name: str, every: bool = False):
+    if not COMPRESSING.get(name):
+        pytest.fail(f"registered method '{name}' has no compressing setting in tests/test_contract_matrix.py")
+    return COMPRESSING[name] if every else COMPRESSING[name][0]
+
+
+def _method(adapter, name: str, sets: dict[str, str]):
+    return build_method(name, adapter.name, adapter.num_layers, sets=dict(sets))
+
+
+def _cases(adapter, name: str) -> list[str]:
+    """The input kinds this method is checked on for this family: images, and OneVision's video."""
+    inputs = METHODS[name].inputs
+    kinds = ["image"] if "image" in inputs else []
+    if adapter.family == "llava_onevision" and "video" in inputs:
+        kinds.append("video")
+    return kinds
+
+
+def _requests(kind: str, photos, count: int) -> list[Request]:
+    """``count`` different requests: 1, 2, 3 images (a lone OneVision image gets AnyRes crops), or
+    videos of 4, 5, 6 frames."""
+    out = []
+    for i in range(count):
+        if kind == "image":
+            out.append(Request(PROMPTS[i], [photos[(j + 2 * i) % len(photos)] for j in range(i + 1)]))
+        else:
+            out.append(Request(PROMPTS[i], video=[photos[(j + i) % len(photos)] for j in range(4 + i)]))
+    return out
+
+
+def _resolve(target: str) -> tuple[object, str]:
+    module_name, _, path = target.partition(":")
+    owner: object = importlib.import_module(module_name)
+    *parents, attr = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    return owner, attr
+
+
+def _spy(monkeypatch, target: str) -> list[int]:
+    owner, attr = _resolve(target)
+    original = getattr(owner, attr)
+    calls: list[int] = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, spy)
+    return calls
+
+
+_PLAIN: dict[tuple[str, str], tuple[list[int], torch.Tensor]] = {}
+
+
+def _plain(adapter, kind: str, request: Request) -> tuple[list[int], torch.Tensor]:
+    key = (adapter.name, kind)
+    if key not in _PLAIN:
+        pipe = Pipeline(adapter)
+        ids = pipe.generate([request], NEW_TOKENS)[0].token_ids
+        _PLAIN[key] = (ids, pipe.last_prefill_logits)
+    return _PLAIN[key]
+
+
+# --- the tables cover the registry --------------------------------------------------------------
+def test_every_registered_method_has_a_neutral_a_compressing_setting_and_an_oracle():
+    missing = {
+        "NEUTRAL": sorted(set(METHODS) - set(NEUTRAL)),
+        "COMPRESSING": sorted(set(METHODS) - set(COMPRESSING)),
+        "ORACLES": sorted(set(METHODS) - set(ORACLES)),
+    }
+    assert not any(missing.values()), f"registered methods missing from the contract tables: {missing}"
+    for name, tests in ORACLES.items():
+        for test in tests:
+            assert callable(globals().get(test)), f"oracle {test} of {name} is not a test of this module"
+
+
+# --- a: neutral settings run the method and change nothing -----------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_a_neutral_setting_runs_the_method_and_is_bit_identical(adapter, photos, monkeypatch, name):
+    sets, targets = _neutral(name)
+    kinds = _cases(adapter, name)
+    if not kinds:
+        pytest.skip(f"{name} takes no input {adapter.name} has")
+    for kind in kinds:
+        request = _requests(kind, photos, 1)[0]
+        expected_ids, expected_logits = _plain(adapter, kind, request)
+        with monkeypatch.context() as patch:
+            calls = {target: _spy(patch, target) for target in targets}
+            pipe = Pipeline(adapter, _method(adapter, name, sets))
+            got = pipe.generate([request], NEW_TOKENS)[0]
+        assert all(calls.values()), f"{name} {sets} on {kind}: never ran {[t for t, c in calls.items() if not c]}"
+        assert got.token_ids == expected_ids, f"{name} {sets} on {kind}"
+        assert torch.equal(pipe.last_prefill_logits, expected_logits), f"{name} {sets} on {kind}"
+        assert got.account.visual_kept == got.account.visual_positions == got.account.visual_full
+
+
+# --- b: a batch gives every request its own answer and account -----------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_a_batch_gives_each_request_its_answer_and_account_alone(adapter, photos, name):
+    kinds = _cases(adapter, name)
+    if not kinds:
+        pytest.skip(f"{name} takes no input {adapter.name} has")
+    for sets in _compressing(name, every=True):
+        for kind in kinds:
+            requests = _requests(kind, photos, 3)
+            pipe = Pipeline(adapter, _method(adapter, name, sets))
+            together = pipe.generate(requests, NEW_TOKENS)
+            assert len({r.account.prompt_tokens_kept for r in together}) == 3  # padding in the batch
+            for request, batched in zip(requests, together, strict=True):
+                alone = pipe.generate([request], NEW_TOKENS)[0]
+                where = f"{name} {sets} on {kind}: {request.prompt}"
+                assert batched.token_ids == alone.token_ids, where
+                assert batched.account == alone.account, where  # counts, per_image, KV bytes, method numbers
+                assert batched.account.methods == alone.account.methods, where
+
+
+def test_dycoke_counts_only_the_steps_a_request_is_still_generating():
+    """A request that finished early in a batch reports the steps it had alone, not the batch's."""
+    visual = torch.zeros(2, 12, dtype=torch.bool)
+    visual[:, 2:10] = True
+    hook = DynamicPruning(layer=1, prune=0.5, visual=visual, cache=None)
+    query = torch.zeros(2, 1, 1, 4)
+    query[..., 0] = 1.0
+    for step, active in enumerate(([True, True], [True, False], [True, False])):
+        hook.start_step(torch.tensor(active))
+        key = torch.zeros(2, 1, 13 + step, 4)
+        key[:, 0, [2, 3, 4, 5] if step % 2 else [6, 7, 8, 9], 0] = 5.0  # attention moves every step
+        hook._observe(query, key, torch.ones(2, 13 + step, dtype=torch.bool), 1.0)
+        hook._record(torch.tensor([step, 10 + step]), deep=True)  # visual keys a deep layer read
+    assert hook.steps.tolist() == [3, 1] and hook.reselections.tolist() == [3, 1]
+    assert hook.attended_per_sample() == [1.0, 10.0] and hook.deep_attended(1, -1.0) == 10.0
+
+
+# --- c: detaching restores the model exactly ---------------------------------------------------------
+def _attention_functions() -> dict[str, object]:
+    return {key: ALL_ATTENTION_FUNCTIONS[key] for key in ALL_ATTENTION_FUNCTIONS.valid_keys()}
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    modules = {}
+    for path, module in model.named_modules():
+        config = getattr(module, "config", None)
+        modules[path] = {
+            "attributes": {k: id(v) for k, v in vars(module).items() if callable(v) or k.startswith("_tokcomp")},
+            "keys": sorted(vars(module)),
+            "forward_hooks": list(module._forward_hooks.items()),
+            "forward_pre_hooks": list(module._forward_pre_hooks.items()),
+            "backward_hooks": list(module._backward_hooks.items()),
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "class": type(module),
+            "class_forward": type(module).__dict__.get("forward"),
+        }
+    configs = [model.config, *(getattr(model.config, k) for k in ("text_config", "vision_config"))]
+    return {
+        "modules": modules,
+        "configs": [c._attn_implementation for c in configs],
+        "functions": _attention_functions(),
+        "global_hooks": (
+            list(torch.nn.modules.module._global_forward_hooks.items()),
+            list(torch.nn.modules.module._global_forward_pre_hooks.items()),
+        ),
+        "tensors": {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]},
+    }
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_detaching_restores_the_model_exactly(adapter, photos, name):
+    sets = _compressing(name)
+    kinds = _cases(adapter, name)
+    if not kinds:
+        pytest.skip(f"{name} takes no input {adapter.name} has")
+    model = adapter.model
+    Pipeline(adapter).generate(_requests(kinds[-1], photos, 1), 1)  # transformers installs its own hooks lazily
+    before = _snapshot(model)
+    for state in before["modules"].values():  # the plain model has only transformers' output-capturing hooks
+        hooks = [h for _, h in state["forward_hooks"] + state["forward_pre_hooks"]]
+        assert all(h.__module__.startswith("transformers.") for h in hooks), hooks
+    method = _method(adapter, name, sets)
+    with method(adapter):
+        result = Pipeline(adapter).generate(_requests(kinds[-1], photos, 2), 2)
+        assert adapter.active_method is method
+    assert result and adapter.active_method is None and adapter.merging is None
+    after = _snapshot(model)
+    assert after["configs"] == before["configs"]
+    assert after["functions"] == before["functions"]
+    assert after["global_hooks"] == before["global_hooks"]
+    assert after["modules"].keys() == before["modules"].keys()
+    for path, state in before["modules"].items():
+        assert after["modules"][path] == state, f"{name} left {path or 'the model'} changed"  # hooks included
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, tensor in before["tensors"].items():
+        assert torch.equal(after["tensors"][key], tensor), f"{name} changed {key}"
+    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "config")]
+    assert attention and all(m.config._attn_implementation == "sdpa" for m in attention)
+
+
+# --- d: behavioural oracles ------------------------------------------------------------------------
+def _stock_logits(adapter, image, prompt: str) -> torch.Tensor:
+    """The stock HF model's next-token logits, fed the way its own processor would (placeholders expanded)."""
+    units = adapter.prepare_units([image], None)
+    count = adapter.stock_unit_tokens(units)[0].full
+    text = adapter.build_prompt(prompt, 1, False).replace("<image>", "<image>" * count)
+    ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    if adapter.family == "llava":
+        extra = {"pixel_values": units[0].views}
+    else:
+        extra = {"pixel_values": units[0].views[None], "image_sizes": torch.tensor([units[0].image_size]),
+                 "batch_num_images": torch.tensor([1])}  # fmt: skip
+    with torch.no_grad():
+        out = adapter.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **extra)
+    return out.logits[:, -1].float()
+
+
+def test_none_is_the_stock_forward(adapter, photos):
+    pipe = Pipeline(adapter, _method(adapter, "none", {}))
+    result = pipe.generate([Request(PROMPTS[0], [photos[1]])], 1)[0]
+    assert torch.equal(pipe.last_prefill_logits, _stock_logits(adapter, photos[1], PROMPTS[0]))
+    assert result.account.visual_kept == result.account.visual_full == result.account.visual_positions
+
+
+@pytest.mark.parametrize("name", ["dymu", "dtome", "tome"])
+def test_encoder_attention_is_proportional_to_merged_sizes(adapter, photos, name):
+    """Proportional attention: a token standing for ``s`` patches gets ``log s`` added to its logits,
+    which is exactly attending to ``s`` copies of it. Checked on a layer after merges, every view."""
+    method = _method(adapter, name, _compressing(name))
+    probe = adapter.feature_layer - 1  # the last layer whose merges the LLM reads
+    attn = encoder_layers(adapter.vision_model)[probe].self_attn
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = attn.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs["hidden_states"], out[0])),
+                                        with_kwargs=True)  # fmt: skip
+    try:
+        with torch.no_grad(), method(adapter):
+            adapter.encode(adapter.encoder_views(photos[:3]))
+            snapshot = adapter.merging.snapshots[probe]  # the tokens entering that layer
+    finally:
+        handle.remove()
+    ((hidden, output),) = seen
+    heads = getattr(attn, "num_heads", None) or attn.config.num_attention_heads
+    merged = 0
+    for b in range(hidden.shape[0]):
+        valid = snapshot.valid[b]
+        sizes = torch.bincount(snapshot.source[b], minlength=valid.shape[0])[valid]  # patches per token
+        merged += int((sizes > 1).sum())
+        x = hidden[b][valid]
+
+        def split(t):
+            return t.view(t.shape[0], heads, -1).transpose(0, 1)  # (heads, n, d)
+
+        with torch.no_grad():
+            q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
+            k, v = k.repeat_interleave(sizes, dim=1), v.repeat_interleave(sizes, dim=1)  # every patch its copy
+            weights = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)
+            expected = attn.out_proj((weights @ v).transpose(0, 1).reshape(x.shape[0], -1))
+        torch.testing.assert_close(output[b][valid], expected, atol=2e-5, rtol=1e-4)
+    assert merged > 0  # tokens had merged before that layer, so the bias mattered
+
+
+def test_dymu_keeps_every_position_with_vtu(adapter, photos):
+    result = Pipeline(adapter, _method(adapter, "dymu", _compressing("dymu"))).generate(
+        _requests("image", photos, 1), 1
+    )
+    account = result[0].account
+    assert account.visual_kept < account.visual_positions == account.visual_full
+
+
+def test_dtome_feeds_merged_tokens_contiguously(adapter, photos):
+    seen: list[torch.Tensor] = []
+    attn = adapter.language_model.layers[0].self_attn
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True)
+    try:
+        pipe = Pipeline(adapter, _method(adapter, "dtome", _compressing("dtome")))
+        account = pipe.generate(_requests("image", photos, 1), 1)[0].account
+    finally:
+        handle.remove()
+    assert account.visual_kept < account.visual_full
+    assert account.prompt_tokens_kept == account.prompt_tokens_full - account.visual_full + account.visual_kept
+    assert torch.equal(seen[0][0], torch.arange(account.prompt_tokens_kept))  # no gaps, no repeats
+
+
+def test_tome_merges_exactly_r_per_layer(adapter, photos):
+    r = int(_compressing("tome")["r"])
+    request = Request(PROMPTS[1], photos[:2])  # base views only on both families
+    account = Pipeline(adapter, _method(adapter, "tome", {"r": str(r)})).generate([request], 1)[0].account
+    views = sum(u["views"] for u in account.per_image)
+    merging = adapter.feature_layer
+    n = adapter.num_patches
+    assert account.per_layer == [views * (n - r * min(i + 1, merging)) for i in range(adapter.num_layers)]
+    assert [u["kept"] for u in account.per_image] == [
+        n - r * merging + (0 if adapter.family == "llava" else 1)  # OneVision's image newline
+    ] * 2
+
+
+def _video_tokens(adapter, frames):
+    units = adapter.prepare_units([], frames)
+    return adapter.stock_unit_tokens(units)[0]
+
+
+def test_dycoke_ttm_keeps_the_stated_share_of_the_most_changed_tokens(llava_ov, photos):
+    k = 0.7
+    frames = [photos[i % len(photos)] for i in range(8)]
+    unit = _video_tokens(llava_ov, frames)
+    n = unit.frame_tokens
+    out = apply_ttm(unit, k)
+    keep = int((1 - k) * n)
+    per_frame = torch.bincount(out.positions[out.positions < 8 * n] // n, minlength=8).tolist()
+    assert per_frame == [n, keep, keep, keep, n, keep, keep, keep]  # anchors whole, (1-K) of the others
+    assert int(out.positions[-1]) == 8 * n  # the newline stays
+    grid = unit.full_features()[: 8 * n].reshape(8, n, -1)
+    for frame, ref in ((1, 0), (2, 0), (3, 2), (7, 6)):
+        mine = out.positions[(out.positions >= frame * n) & (out.positions < (frame + 1) * n)] - frame * n
+        similarity = torch.nn.functional.cosine_similarity(grid[frame], grid[ref], dim=-1)
+        assert set(mine.tolist()) == set(S.top_k_stable(similarity, keep, largest=False).tolist())
+    account = (
+        Pipeline(llava_ov, _method(llava_ov, "dycoke", {"K": str(k), "P": "0"}))
+        .generate([Request(PROMPTS[0], video=frames)], 1)[0]
+        .account
+    )
+    assert account.visual_kept == 2 * n + 6 * keep + 1
+
+
+def test_dycoke_dp_reads_the_stated_share_in_deep_layers(llava_ov, photos):
+    p, steps = 0.7, 4
+    pipe = Pipeline(llava_ov, _method(llava_ov, "dycoke", {"K": "0.5", "P": str(p), "L": "2"}))
+    result = pipe.generate(_requests("video", photos, 2), steps)
+    (hook,) = pipe.last_hooks
+    share = torch.tensor([float(int(int(v) * (1 - p))) for v in hook.visual.sum(1)])  # int((1-P)·visual)
+    deep = torch.stack(hook.deep)  # (decode steps x layers >= L, B)
+    assert deep.shape[0] == (steps - 1) * (len(llava_ov.language_model.layers) - 2)
+    live = ~torch.isnan(deep)
+    assert bool(live.any()) and torch.equal(deep[live], share.expand_as(deep)[live])
+    for b, r in enumerate(result):
+        numbers = r.account.methods["dycoke"]
+        assert numbers["dp_steps"] == int(hook.steps[b]) == min(len(r.token_ids), steps - 1)
+        assert 1 <= numbers["dp_reselections"] == int(hook.reselections[b]) <= numbers["dp_steps"]
+        assert numbers["retained_ratio_measured"] == round(float(share[b]) / r.account.visual_full, 4)
+
+
+def test_adaptive_budgets_add_up_to_the_global_budget(adapter, photos):
+    rho = 0.3
+    request = _requests("image", photos, 3)[2]  # three images
+    account = Pipeline(adapter, _method(adapter, "adaptive", {"rho": str(rho)})).generate([request], 1)[0].account
+    plan = account.selection["adaptive"]
+    assert plan.budget == round(rho * account.visual_full) == account.visual_kept
+    assert sum(plan.per_image_budget) + plan.inter_budget == plan.budget == plan.intra_budget + plan.inter_budget
+    assert (
+        [len(k) for k in plan.kept]
+        == [u["positions"] for u in account.per_image]
+        == [u["kept"] for u in account.per_image]
+    )
+    assert account.methods["adaptive"] == {"budget": plan.budget, "intra_budget": plan.intra_budget,
+                                           "inter_budget": plan.inter_budget,
+                                           "per_image_budget": plan.per_image_budget}  # fmt: skip
+
+
+def test_fastv_ranks_by_the_last_query():
+    length, keep = 10, 2
+    visual = torch.zeros(1, length, dtype=torch.bool)
+    visual[0, 1:8] = True
+    key = torch.zeros(1, 1, length, 4)
+    key[0, 0, [2, 3], 0] = 6.0  # what the first query looks at
+    key[0, 0, [5, 6], 1] = 6.0  # what the last query looks at
+    query = torch.zeros(1, 2, length, 4)  # two heads that agree
+    query[:, :, :, 0] = 1.0
+    query[:, :, -1] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    hook = FastVPruning(layer=1, keep=keep / 7, visual=visual, num_layers=2)
+    hook._rank(query, key, torch.ones(1, length, dtype=torch.bool), 1.0)
+    assert torch.nonzero(hook.kept[0]).flatten().tolist() == [5, 6]
+
+
+def test_fastv_keeps_what_the_last_query_attends_to_in_the_model(adapter, photos, monkeypatch):
+    seen: list[tuple] = []
+    original = FastVPruning._rank
+
+    def record(self, query, key, valid, scaling):
+        seen.append((query.clone(), key.clone(), valid.clone(), scaling))
+        return original(self, query, key, valid, scaling)
+
+    monkeypatch.setattr(FastVPruning, "_rank", record)
+    ratio = float(_compressing("fastv")["R"])
+    pipe = Pipeline(adapter, _method(adapter, "fastv", _compressing("fastv")))
+    pipe.generate(_requests("image", photos, 2), 1)
+    ((query, key, valid, scaling),) = seen
+    (hook,) = pipe.last_hooks
+    keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1).float()
+
+    def ranked(position: int) -> list[set[int]]:
+        """Per request, the visual columns the query at ``position`` attends to most (mean over heads)."""
+        logits = (query[:, :, position, None].float() @ keys.transpose(-1, -2))[:, :, 0] * scaling  # (B, H, L)
+        received = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(dim=-1).mean(dim=1)
+        out = []
+        for b in range(received.shape[0]):
+            scores = received[b].masked_fill(~hook.visual[b], float("-inf"))
+            out.append(set(S.top_k_stable(scores, round(ratio * int(hook.visual[b].sum()))).tolist()))
+        return out
+
+    kept = [set(torch.nonzero(row).flatten().tolist()) for row in hook.kept]
+    assert kept == ranked(-1)
+    firsts = [int(torch.nonzero(row).flatten()[0]) for row in valid]  # each request's first real position
+    assert all(ranked(f)[b] != kept[b] for b, f in enumerate(firsts))  # the first query would keep others
+
+
+def test_random_keeps_exactly_the_budget_and_is_seeded(adapter, photos):
+    units = adapter.prepare_units(photos[:2], None)
+    text = torch.zeros(0, adapter.language_model.config.hidden_size)
+
+    def positions(**sets):
+        method = _method(adapter, "random", {k: str(v) for k, v in sets.items()})
+        tokens = adapter.stock_unit_tokens(units)
+        return [u.positions.tolist() for u in method.select_request(adapter, ["image", "image"], tokens, text)]
+
+    n = adapter.stock_unit_tokens(units)[0].full
+    one, again, other = positions(ratio=0.3, seed=1), positions(ratio=0.3, seed=1), positions(ratio=0.3, seed=2)
+    assert [len(p) for p in one] == [round(0.3 * n)] * 2
+    assert one == again and one != other and one[0] != one[1]  # seeded, per seed and per unit
+    assert one[0] != list(range(len(one[0]))) and all(p == sorted(p) for p in one)
+
+
+def test_divprune_starts_at_the_largest_total_distance_and_goes_max_min():
+    g = torch.Generator().manual_seed(0)
+    e = torch.eye(8)
+    x = torch.cat([
+        e[0] + 0.05 * torch.randn(6, 8, generator=g),  # a cluster holding token 0
+        e[1] + 0.05 * torch.randn(3, 8, generator=g),
+        e[2] + 0.05 * torch.randn(2, 8, generator=g),
+        (-e[0] + 0.3 * e[3])[None],  # far from everything: the right first pick
+    ])  # fmt: skip
+    n = x.shape[0]
+    cosine = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(x, dim=-1).T
+    distance = 1 - cosine
+    first = int(distance.sum(dim=1).argmax())
+    assert first == n - 1 != 0
+    greedy = [first]
+    for _ in range(n - 1):  # max-min: the token farthest from its nearest chosen one
+        nearest = distance[:, greedy].min(dim=1).values
+        nearest[greedy] = -1
+        greedy.append(int(nearest.argmax()))
+    scores = DivPrune(ratio=0.25).score(x, torch.zeros(0, 8), 0)
+    assert torch.sort(scores, descending=True, stable=True).indices.tolist() == greedy
+
+
+def test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_groups(adapter, photos):
+    """Per view: the ``dominant`` patches by the eager attention of the feature layer (CLS row with CLS,
+    mean received without) as they are; the rest in ``contextual`` groups around evenly spaced centres by
+    key cosine similarity, each the mean of its members at its centre's stock position."""
+    d, c = 20, 6
+    request = Request(PROMPTS[1], photos[:2])  # base views only on both families
+    method = _method(adapter, "visionzip", {"dominant": str(d), "contextual": str(c)})
+    with method(adapter):
+        pipe = Pipeline(adapter, method)
+        stock = pipe.visual_tokens([request])[0]
+        kept = pipe.select(request, ["image", "image"], stock)
+    views = torch.cat([u.views for u in adapter.prepare_units(photos[:2], None)])
+    vision, layer = adapter.vision_model, adapter.feature_layer
+    vision.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = vision(views, output_attentions=True, output_hidden_states=True)
+            block = encoder_layers(vision)[layer - 1]
+            keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer - 1]))
+    finally:
+        vision.set_attn_implementation("sdpa")
+    weights = out.attentions[layer - 1].float().mean(dim=1)  # (V, N, N): mean over heads
+    keys = keys.view(*keys.shape[:2], block.self_attn.num_heads, -1).float().mean(dim=2)
+    scores, keys = (weights[:, 0, 1:], keys[:, 1:]) if adapter.has_cls else (weights.mean(dim=1), keys)
+    n = adapter.num_patches
+    for v, (before, after) in enumerate(zip(stock, kept, strict=True)):
+        top = S.top_k_stable(scores[v], d).tolist()
+        rest = [p for p in range(n) if p not in top]
+        centres = [rest[i * len(rest) // c] for i in range(c)]
+        unit_keys = torch.nn.functional.normalize(keys[v], dim=-1)
+        nearest = (unit_keys[rest] @ unit_keys[centres].T).argmax(dim=1).tolist()
+        groups = {centre: [centre] for centre in centres}
+        for p, j in zip(rest, nearest, strict=True):
+            if p not in groups:
+                groups[centres[j]].append(p)
+        full = before.full_features()
+        expected = {p: full[p] for p in [*top, *range(n, before.full)]}  # dominant ones, OneVision's newline
+        expected |= {centre: full[members].float().mean(dim=0) for centre, members in groups.items()}
+        assert after.positions.tolist() == sorted(expected) and after.kept == after.full == d + c + before.full - n
+        got = after.full_features()
+        for i, p in enumerate(after.positions.tolist()):
+            if p in groups and len(groups[p]) > 1:
+                torch.testing.assert_close(got[i].float(), expected[p], rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(got[i], expected[p])
+        assert sum(len(g) > 1 for g in groups.values()) > 1  # something merged
+    account = Pipeline(adapter, method).generate([request], 1)[0].account
+    assert account.visual_kept == account.visual_positions == sum(u.full for u in kept)

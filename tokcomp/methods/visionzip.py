@@ -1,0 +1,80 @@
+"""VisionZip (Yang et al., CVPR 2025): dominant tokens by encoder attention, the rest merged into contextual ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from tokcomp.errors import TokcompError
+from tokcomp.methods import selection as S
+from tokcomp.methods.base import Method
+from tokcomp.methods.trace import TraceSpec
+from tokcomp.models.visual import UnitTokens, merge_positions
+
+
+@dataclass
+class VisionZip(Method):
+    """VisionZip (CVPR 2025): per encoder view, ``dominant`` tokens by attention plus ``contextual`` merged ones.
+
+    From the paper, on every encoder view (image, AnyRes crop, video frame): keep the ``dominant``
+    positions whose patches get the most attention at encoder layer ``layer`` (default: the layer the
+    VLM reads; CLS attention for CLIP, mean attention received for SigLIP). Of the R left, take
+    ``contextual`` centres evenly in raster order (the i-th at floor(i*R/c)); every other one joins the
+    centre whose key there (mean over heads) is most cosine-similar; each group becomes one token, the
+    mean of its members. Paper defaults for LLaVA-1.5 (576 patches): 54 + 10 (also 108 + 20). Tokens
+    keep raster order and stock position ids; a contextual token takes its centre's. Newlines and a
+    kept CLS stay; a pooled video position counts with the pooled score and keys of its patches.
+
+    Where the published code differs this follows the paper: the code counts the CLS token among the
+    dominant ones and feeds it to the LLM (LLaVA-1.5 drops it), and makes a contextual token centre +
+    mean(other members), not the group's mean. Not from either: means are taken in the LLM's embedding
+    space (the selection sees projected tokens), where the code averages encoder features and appends
+    the contextual tokens after the dominant ones with contiguous positions.
+    """
+
+    name: ClassVar[str] = "visionzip"
+    dominant: int = 54  # kept per view, by encoder attention
+    contextual: int = 10  # merged tokens per view
+    layer: int | None = None  # traced encoder layer, counted from 1 (None: the feature layer)
+
+    def encoder_trace(self, adapter) -> TraceSpec:
+        return TraceSpec(self.layer or adapter.feature_layer, keys=True)
+
+    def check(self, adapter) -> None:
+        if self.dominant < 0 or self.contextual < 0 or self.dominant + self.contextual < 1:
+            raise TokcompError("visionzip: dominant and contextual must be >= 0, and not both 0")
+        if not 1 <= self.encoder_trace(adapter).layer <= adapter.num_layers:
+            raise TokcompError(f"visionzip: layer must be between 1 and {adapter.num_layers}")
+
+    @property
+    def keeps_positions(self) -> bool:
+        return True
+
+    def select_request(self, adapter, kinds, tokens: list[UnitTokens], text, record=None):
+        out = []
+        for unit in tokens:
+            if unit.trace is None or unit.trace_keys is None:
+                raise TokcompError("visionzip: these tokens carry no encoder trace (attach the method first)")
+            scored = torch.isfinite(unit.trace)
+            groups = list(torch.nonzero(~scored))  # newlines (and a kept CLS) stay as they are
+            for view in unit.provenance[scored, 0].unique().tolist():
+                where = torch.nonzero(scored & (unit.provenance[:, 0] == view)).flatten()
+                groups += [where[g] for g in self.groups(unit.trace[where], unit.trace_keys[where])]
+            out.append(merge_positions(unit, groups))
+        return out
+
+    def groups(self, scores: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
+        """One view's groups (indices into its positions): each dominant one alone, then each contextual
+        group with its centre first."""
+        top = S.top_k_stable(scores, min(self.dominant, scores.shape[0]))
+        rest = torch.ones_like(scores, dtype=torch.bool).index_fill(0, top, False).nonzero().flatten()
+        count = min(self.contextual, rest.numel())
+        groups = list(top[:, None])
+        if count:
+            centres = rest[torch.arange(count, device=rest.device) * rest.numel() // count]
+            join = S.cosine_matrix(keys[rest], keys[centres]).argmax(dim=1)
+            join[torch.isin(rest, centres)] = -1  # a centre heads its own group only
+            groups += [torch.cat([centre[None], rest[join == j]]) for j, centre in enumerate(centres)]
+        return groups
