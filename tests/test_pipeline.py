@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from tokcomp.errors import TokcompError
+from tokcomp.methods.attention import attach_vtu
 from tokcomp.methods.base import Method
 from tokcomp.methods.registry import build_method
-from tokcomp.methods.vtu import VTUState, attach_vtu, group_mean
+from tokcomp.methods.vtu import VTUState, group_mean
 from tokcomp.pipeline import Pipeline, Request
 
 PROMPT = "what is the color of the object ?"

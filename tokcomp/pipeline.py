@@ -1,16 +1,11 @@
-"""One request path for every method: encode -> select -> splice -> prefill/decode -> account.
+"""tokcomp's driver: requests (prompts, PIL images, frames) -> answers and accounts, for the CLI.
 
-* **encode**: all encoder views of the batch go through the stock vision tower in one call (with the
-  active method's merging hooks, if any) and the stock projector.
-* **select**: per visual unit, the LLM tokens: the stock features for the plain model, or unique
-  merged tokens plus the full-length map ``M`` for a merging method.
-* **splice**: the prompt is tokenized with one placeholder per image/video, text embeddings come
-  from the stock embedding table, and the visual tokens are put in place. The sequence the LLM
-  receives is the *unique* one; ``mapping`` sends every full-length position to its unique token.
-* **prefill/decode**: the stock language model with a ``DynamicCache``. With VTU the attention
-  function expands to the full length (true positions); without it the shortened sequence gets
-  contiguous positions. Batches are left-padded; greedy decoding.
-* **account**: visual tokens before/after, encoder tokens per layer, timings.
+Each batch is preprocessed with the VLM's own processor, its LLM input is built by
+``tokcomp.assemble`` (encode -> select -> splice -> collate), and the model's own ``generate`` runs it
+through the same hooks that compress a user's ``model.generate`` (``tokcomp.stock``): with VTU the
+attention function expands to the full length for the prefill; decode hooks (DyCoke's DP, FastV)
+act in the attention function; greedy unless ``generation`` says otherwise. Then the account:
+visual tokens before and after, encoder tokens per layer, KV bytes, timings.
 """
 
 from __future__ import annotations
@@ -25,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from tokcomp.assemble import Account, Assembler, Batch, Spliced
 from tokcomp.errors import TokcompError
 from tokcomp.methods.base import Method
 from tokcomp.models.adapters import VLMAdapter
@@ -38,32 +34,6 @@ class Request:
     prompt: str
     images: Sequence[Image.Image] = ()
     video: Sequence[Image.Image] | None = None
-
-
-@dataclass
-class Account:
-    """What compression did to one request.
-
-    ``visual_full``: visual tokens of the stock model. ``visual_kept``: distinct visual embeddings
-    the LLM computes on in prefill. ``visual_positions``: visual positions the LLM's sequence has
-    (more than ``visual_kept`` under VTU, where merged tokens keep all their positions).
-    """
-
-    visual_full: int
-    visual_kept: int
-    visual_positions: int
-    per_image: list[dict]
-    per_layer: list[int]  # visual tokens after each encoder layer, summed over the request's units
-    prompt_tokens_full: int
-    prompt_tokens_kept: int
-    kv_bytes: int = 0  # this request's KV cache at the end of generation
-    kv_bytes_per_layer: list[int] = field(default_factory=list)  # the same, per decoder layer
-    decode_visual_attended: float = 0.0  # visual keys attended per layer and decode step (mean)
-    methods: dict = field(default_factory=dict)  # method-specific numbers (DyCoke's retained ratio, ...)
-    # what the method's pre-LLM selection recorded for this request (adaptive's plan), by method name;
-    # read by its report, not written out
-    selection: dict = field(default_factory=dict, repr=False, compare=False)
-    timings_ms: dict = field(default_factory=dict)  # under stock generate: preprocess, vision, select, prefill
 
 
 @dataclass
@@ -93,38 +63,6 @@ class Generation:
         }
 
 
-@dataclass
-class Spliced:
-    """One request's LLM input: unique embeddings and the full-length map (text included)."""
-
-    embeds: torch.Tensor  # (L_un, H)
-    mapping: torch.Tensor  # (L_full,)
-    account: Account
-    visual_unique: torch.Tensor  # (L_un,) bool: visual entries of the LLM input
-    visual_full: torch.Tensor  # (L_full,) bool: visual positions of the full-length sequence
-    positions: torch.Tensor  # (L_un,) position ids of the LLM input when VTU is off
-
-    @property
-    def is_identity(self) -> bool:
-        return self.mapping.shape[0] == self.embeds.shape[0]
-
-
-@dataclass
-class Batch:
-    """Left-padded batch of spliced requests."""
-
-    embeds: torch.Tensor  # (B, L_un, H)
-    unique_valid: torch.Tensor  # (B, L_un)
-    mapping: torch.Tensor  # (B, L_full)
-    full_valid: torch.Tensor  # (B, L_full)
-    full_positions: torch.Tensor  # (B, L_full)
-    full_lengths: torch.Tensor  # (B,)
-    unique_lengths: torch.Tensor  # (B,)
-    visual_unique: torch.Tensor  # (B, L_un)
-    visual_full: torch.Tensor  # (B, L_full)
-    positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
-
-
 PERTURB_ENV = "TOKCOMP_PERTURB_INPUTS"  # "1": every pixel one ulp up (the gate's noise study, see Makefile)
 
 
@@ -145,7 +83,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Pipeline:
+class Pipeline(Assembler):
     """Runs requests through a loaded VLM with the method attached to it (or the plain model)."""
 
     def __init__(
@@ -157,14 +95,9 @@ class Pipeline:
     ) -> None:
         """``vtu_on_identity`` runs the VTU path even when nothing merged (to check it against the plain
         model); ``generation``: keyword arguments for the stock ``generate`` (greedy by default)."""
-        self.adapter = adapter
-        self.method = method or adapter.active_method or Method()
+        super().__init__(adapter, method or adapter.active_method or Method())
         self.vtu_on_identity = vtu_on_identity
         self.generation = dict(generation or {})
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.adapter.model.parameters()).device
 
     # --- encode + select ---------------------------------------------------------------------
     def prepare(self, requests: Sequence[Request]) -> list[list]:
@@ -175,37 +108,9 @@ class Pipeline:
                 unit.views = nudge_one_ulp(unit.views)
         return units
 
-    @torch.no_grad()
     def visual_tokens(self, requests: Sequence[Request], units: list[list] | None = None) -> list[list[UnitTokens]]:
         """Per request, per visual unit: the tokens the LLM receives (before any pre-LLM selection)."""
-        adapter = self.adapter
-        units = self.prepare(requests) if units is None else units
-        merging = adapter.merging is not None and self.method.encoder_rule(adapter) is not None
-        trace = adapter.trace  # the encoder trace the method reads, if any: each unit gets it per position
-        if trace is not None:
-            trace.take()  # nothing traced before this call
-        if not merging:
-            out = []
-            for req in units:
-                tokens = adapter.stock_unit_tokens(req)
-                if trace is not None:
-                    adapter.add_trace(req, tokens, trace.take(), stock=True)
-                out.append(tokens)
-            return out
-        views = torch.cat([u.views for req in units for u in req]) if any(units) else None
-        encoded = adapter.encode(views.to(self.device), project=True) if views is not None else []
-        traced = trace.take() if trace is not None else []
-        out, cursor = [], 0
-        for req in units:
-            tokens, start = [], cursor
-            for unit in req:
-                n = unit.views.shape[0]
-                tokens.append(adapter.merged_unit_tokens(unit, encoded[cursor : cursor + n]))
-                cursor += n
-            if trace is not None:
-                adapter.add_trace(req, tokens, traced[start:cursor], stock=False)
-            out.append(tokens)
-        return out
+        return self.tokens_of(self.prepare(requests) if units is None else units)
 
     def select(
         self, request: Request, kinds: list[str], tokens: list[UnitTokens], record: dict | None = None
@@ -217,126 +122,12 @@ class Pipeline:
         ids = adapter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
         return self.select_ids(ids, kinds, tokens, record)
 
-    def select_ids(
-        self, ids: torch.Tensor, kinds: list[str], tokens: list[UnitTokens], record: dict | None = None
-    ) -> list[UnitTokens]:
-        """The selection given the prompt's token ids: text-aware methods read the embeddings of its text
-        tokens as the LLM receives them (the chat template's words included, placeholders left out)."""
-        adapter = self.adapter
-        placeholders = [t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None]
-        text_ids = ids[~torch.isin(ids, torch.tensor(placeholders, dtype=ids.dtype))]
-        text = adapter.embed_tokens(text_ids.to(self.device))
-        return self.method.select_request(adapter, kinds, tokens, text, record)
-
     # --- splice ------------------------------------------------------------------------------
     def splice(self, request: Request, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
         adapter = self.adapter
         text = adapter.build_prompt(request.prompt, len(request.images), bool(request.video))
         ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
         return self.splice_ids(ids, units, unit_kinds)
-
-    def splice_ids(self, ids: torch.Tensor, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
-        """The LLM input of token ids holding one placeholder per visual unit, with the units put in place."""
-        adapter = self.adapter
-        placeholder_ids = {adapter.image_token_id: "image"}
-        if adapter.video_token_id is not None:
-            placeholder_ids[adapter.video_token_id] = "video"
-        slots = [i for i, t in enumerate(ids.tolist()) if t in placeholder_ids]
-        kinds = [placeholder_ids[int(ids[i])] for i in slots]
-        if kinds != unit_kinds:
-            raise TokcompError(f"the prompt has placeholders {kinds} but the request has {unit_kinds}")
-        text_embeds = adapter.embed_tokens(ids.to(self.device))
-        pieces, maps, vis_un, vis_full = [], [], [], []
-        offset, start = 0, 0
-        for slot, unit in zip([*slots, len(ids)], [*units, None], strict=True):
-            n_text = slot - start
-            pieces.append(text_embeds[start:slot])
-            maps.append(torch.arange(n_text, device=self.device) + offset)
-            vis_un.append(torch.zeros(n_text, dtype=torch.bool))
-            vis_full.append(torch.zeros(n_text, dtype=torch.bool))
-            offset += n_text
-            if unit is not None:
-                pieces.append(unit.unique.to(text_embeds.dtype))
-                maps.append(unit.mapping.to(self.device) + offset)
-                vis_un.append(torch.ones(unit.kept, dtype=torch.bool))
-                vis_full.append(torch.ones(unit.full, dtype=torch.bool))
-                offset += unit.kept
-            start = slot + 1
-        embeds = torch.cat(pieces)
-        mapping = torch.cat(maps)
-        per_image = [
-            {
-                "kind": kind,
-                "full": u.original,
-                "kept": u.kept,
-                "positions": u.full,
-                "views": u.views,
-                "per_layer": u.layer_counts,
-            }
-            for kind, u in zip(unit_kinds, units, strict=True)
-        ]
-        per_layer = [sum(c) for c in zip(*(u.layer_counts for u in units), strict=True)] if units else []
-        account = Account(
-            visual_full=sum(u.original for u in units),
-            visual_kept=sum(u.kept for u in units),
-            visual_positions=sum(u.full for u in units),
-            per_image=per_image,
-            per_layer=per_layer,
-            prompt_tokens_full=int(mapping.shape[0]) - sum(u.full for u in units) + sum(u.original for u in units),
-            prompt_tokens_kept=int(embeds.shape[0]),
-        )
-        dev = self.device
-        positions = self._llm_positions(len(ids), slots, units, embeds.shape[0])
-        return Spliced(
-            embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev), positions.to(dev)
-        )
-
-    def _llm_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens], length: int) -> torch.Tensor:
-        """Position ids of the LLM input without VTU: the stock sequence's own positions for methods that
-        keep them (pruning), else contiguous (merging ablations, DyCoke's TTM)."""
-        if not self.method.keeps_positions or any(u.kept != u.full for u in units):
-            return torch.arange(length)
-        pieces, stock, start = [], 0, 0
-        for slot, unit in zip([*slots, num_ids], [*units, None], strict=True):
-            pieces.append(torch.arange(stock, stock + slot - start))
-            stock += slot - start
-            if unit is not None:
-                pieces.append(stock + unit.positions.cpu())
-                stock += unit.original
-            start = slot + 1
-        return torch.cat(pieces)
-
-    def collate(self, spliced: Sequence[Spliced]) -> Batch:
-        bsz = len(spliced)
-        hidden = spliced[0].embeds.shape[-1]
-        l_un = max(s.embeds.shape[0] for s in spliced)
-        l_full = max(s.mapping.shape[0] for s in spliced)
-        dev, dtype = self.device, spliced[0].embeds.dtype
-        embeds = torch.zeros(bsz, l_un, hidden, dtype=dtype, device=dev)
-        unique_valid = torch.zeros(bsz, l_un, dtype=torch.bool, device=dev)
-        mapping = torch.zeros(bsz, l_full, dtype=torch.long, device=dev)
-        full_valid = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
-        positions = torch.zeros(bsz, l_full, dtype=torch.long, device=dev)
-        visual_unique = torch.zeros(bsz, l_un, dtype=torch.bool, device=dev)
-        visual_full = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
-        llm_positions = torch.ones(bsz, l_un, dtype=torch.long, device=dev)
-        for b, s in enumerate(spliced):
-            n_un, n_full = s.embeds.shape[0], s.mapping.shape[0]
-            pad_un, pad_full = l_un - n_un, l_full - n_full
-            embeds[b, pad_un:] = s.embeds
-            unique_valid[b, pad_un:] = True
-            mapping[b, pad_full:] = s.mapping + pad_un
-            full_valid[b, pad_full:] = True
-            positions[b, pad_full:] = torch.arange(n_full, device=dev)
-            visual_unique[b, pad_un:] = s.visual_unique
-            visual_full[b, pad_full:] = s.visual_full
-            llm_positions[b, pad_un:] = s.positions
-        return Batch(
-            embeds, unique_valid, mapping, full_valid, positions,
-            torch.tensor([s.mapping.shape[0] for s in spliced], device=dev),
-            torch.tensor([s.embeds.shape[0] for s in spliced], device=dev),
-            visual_unique, visual_full, llm_positions,
-        )  # fmt: skip
 
     # --- prefill / decode --------------------------------------------------------------------
     @torch.no_grad()
@@ -352,16 +143,6 @@ class Pipeline:
         if attached is not self.method:
             raise TokcompError(f"method '{attached.name}' is attached; detach it before using '{self.method.name}'")
         return self._generate(requests, max_new_tokens)
-
-    def _check_inputs(self, kinds: list[list[str]]) -> None:
-        """A method that acts on none of a request's inputs (DyCoke on images) is a user error."""
-        label = getattr(self.method, "label", self.method.name)
-        for request_kinds in kinds:
-            if request_kinds and not set(request_kinds) & self.method.inputs:
-                raise TokcompError(
-                    f"method '{label}' works on {' and '.join(sorted(self.method.inputs))} input; "
-                    f"this request has only {' and '.join(sorted(set(request_kinds)))}"
-                )
 
     def _check_length(self, spliced: Sequence[Spliced], max_new_tokens: int) -> None:
         """The stock sequence (the prompt with every visual token) and the answer must fit the LLM's positions.

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokcomp.assemble import Account, Assembler, Batch, Spliced
 from tokcomp.errors import TokcompError
 from tokcomp.methods.attention import LLMRun, use_attention
 from tokcomp.methods.vtu import VTUState
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
     from tokcomp.methods.base import Method
     from tokcomp.models.adapters import VLMAdapter
-    from tokcomp.pipeline import Account, Batch, Spliced
 
 VISUAL_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
 
@@ -89,11 +89,9 @@ class StockBridge:
     """The hooks that make stock ``generate`` (and forward) run the attached method."""
 
     def __init__(self, adapter: VLMAdapter, method: Method) -> None:
-        from tokcomp.pipeline import Pipeline
-
         self.adapter = adapter
         self.method = method
-        self.pipe = Pipeline(adapter, method)
+        self.pipe = Assembler(adapter, method)
         self.call: _Call | None = None
         self.calls: list[_Call] = []
         self.prepared: _Call | None = None  # a batch the pipeline built, waiting for its prefill
@@ -119,7 +117,7 @@ class StockBridge:
         ordered = [_in_order(k, images, videos) for k, (images, videos) in zip(kinds, units, strict=True)]
         pipe._check_inputs(kinds)
         t_pre = time.perf_counter()
-        encoded = pipe.visual_tokens([], [[u for u, _ in row] for row in ordered])
+        encoded = pipe.tokens_of([[u for u, _ in row] for row in ordered])
         t_enc = time.perf_counter()
         tokens, records = [], [{} for _ in rows]  # records: what the selection decided, per request
         for ids, row_kinds, row_tokens, row, record in zip(collapsed, kinds, encoded, ordered, records, strict=True):

@@ -130,3 +130,10 @@ def use_attention(language_model: nn.Module, run: LLMRun) -> Iterator[LLMRun]:
     finally:
         language_model.set_attn_implementation(previous)
         _ACTIVE.reset(token)
+
+
+@contextmanager
+def attach_vtu(language_model: nn.Module, state: VTUState) -> Iterator[VTUState]:
+    """Route the language model's attention through VTU (prefill) inside the block; restore on exit."""
+    with use_attention(language_model, LLMRun(vtu=state)):
+        yield state

@@ -20,8 +20,6 @@ therefore full length: VTU saves prefill compute in the linear layers, not decod
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -99,12 +97,3 @@ def vtu_prefill(module: nn.Module, query, key, value, scaling, state: VTUState) 
     out = attend(q_full, k_full, v_full, _full_mask(state, getattr(module, "sliding_window", None)), scaling)
     out = group_mean(out, state.mapping, state.full_valid, state.num_unique)
     return out.transpose(1, 2).contiguous()
-
-
-@contextmanager
-def attach_vtu(language_model: nn.Module, state: VTUState) -> Iterator[VTUState]:
-    """Route the language model's attention through VTU (prefill) inside the block; restore on exit."""
-    from tokcomp.methods.attention import LLMRun, use_attention
-
-    with use_attention(language_model, LLMRun(vtu=state)):
-        yield state

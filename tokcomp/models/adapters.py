@@ -7,7 +7,6 @@ last, CLS dropped; LLaVA-OneVision (SigLIP, no CLS) the last of its (already sho
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from jinja2 import TemplateError
@@ -19,20 +18,13 @@ from tokcomp.errors import TokcompError
 from tokcomp.methods.dtome import LayerSnapshot, MergeRule, MergeState, attach_merging, encoder_layers
 from tokcomp.methods.merge import TokenOrder
 from tokcomp.methods.trace import EncoderTrace, TraceView
-
-
-@dataclass
-class EncodedImage:
-    """One encoder view after (optional) merging, at the layer the VLM reads."""
-
-    features: torch.Tensor  # (n, D) vision hidden states (or projected), CLS dropped where the VLM drops it
-    sizes: torch.Tensor  # (n,) patches per token
-    source: torch.Tensor  # (P,) long: patch position (raster order) -> token index
-    layer_counts: list[int]  # patch tokens after each encoder layer
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.features.shape[0])
+from tokcomp.models.visual import (
+    EncodedImage,
+    VisualUnit,
+    identity_tokens,
+    summed_counts,
+    tokens_from_copies,
+)
 
 
 class VLMAdapter:
@@ -306,7 +298,6 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
 
     def prepare_units(self, images, video):
-        from tokcomp.models.visual import VisualUnit
 
         if video:
             raise TokcompError(f"{self.name} is a LLaVA-1.5 model: it takes images, not video")
@@ -316,7 +307,6 @@ class LlavaAdapter(VLMAdapter):
         return [VisualUnit("image", views[i : i + 1]) for i in range(len(images))]
 
     def stock_unit_tokens(self, units):
-        from tokcomp.models.visual import identity_tokens
 
         if not units:
             return []
@@ -326,7 +316,6 @@ class LlavaAdapter(VLMAdapter):
         return [self._placed(u, identity_tokens(f, full)) for u, f in zip(units, features, strict=True)]
 
     def merged_unit_tokens(self, unit, views):
-        from tokcomp.models.visual import tokens_from_copies
 
         (view,) = views
         tokens = tokens_from_copies(view.features[view.source], view.source, view.features, view.layer_counts)
@@ -340,7 +329,6 @@ class LlavaAdapter(VLMAdapter):
         return values[0] if self.drops_cls or not self.has_cls else torch.cat([fill[None], values[0]])
 
     def units_from_inputs(self, rows, inputs):
-        from tokcomp.models.visual import VisualUnit
 
         if inputs.get("pixel_values_videos") is not None:
             raise TokcompError(f"{self.name} is a LLaVA-1.5 model: it takes images, not video")
@@ -373,7 +361,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         """One image alone gets AnyRes views (base + crops); several images get their base view each."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-        from tokcomp.models.visual import VisualUnit
 
         units = []
         if images:
@@ -393,7 +380,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return units
 
     def stock_unit_tokens(self, units):
-        from tokcomp.models.visual import identity_tokens
 
         full = [self.num_patches] * self.num_layers
         result: dict[int, object] = {}
@@ -421,7 +407,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return [result[i] for i in range(len(units))]
 
     def merged_unit_tokens(self, unit, views):
-        from tokcomp.models.visual import summed_counts, tokens_from_copies
 
         feats = torch.cat([v.features for v in views])
         offsets = [0]
@@ -475,7 +460,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         them (without it every image gets its AnyRes crops, as in the stock model); one video per request."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-        from tokcomp.models.visual import VisualUnit
 
         pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
         per_row, videos = inputs.get("batch_num_images"), inputs.get("pixel_values_videos")

@@ -17,7 +17,19 @@ from dataclasses import dataclass
 
 import torch
 
-from tokcomp.models.adapters import EncodedImage
+
+@dataclass
+class EncodedImage:
+    """One encoder view after (optional) merging, at the layer the VLM reads."""
+
+    features: torch.Tensor  # (n, D) vision hidden states (or projected), CLS dropped where the VLM drops it
+    sizes: torch.Tensor  # (n,) patches per token
+    source: torch.Tensor  # (P,) long: patch position (raster order) -> token index
+    layer_counts: list[int]  # patch tokens after each encoder layer
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
 
 
 @dataclass

@@ -1,0 +1,252 @@
+"""One batch's LLM input, shared by tokcomp's pipeline and by stock ``generate`` (``tokcomp.stock``).
+
+* **encode**: the units' encoder views through the stock vision tower (with the method's merging and
+  trace hooks, if any) and the stock projector.
+* **select**: the method's pre-LLM selection over each request's units, given its prompt's text.
+* **splice**: token ids with one placeholder per unit; text embeddings from the stock table, the
+  visual tokens put in place. The LLM receives the *unique* sequence; ``mapping`` sends every
+  full-length position to its unique token (DyMU's ``M``).
+* **collate**: left-padded, with the positions the method keeps (stock, contiguous or VTU's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from tokcomp.errors import TokcompError
+from tokcomp.models.adapters import VLMAdapter
+from tokcomp.models.visual import UnitTokens
+
+if TYPE_CHECKING:
+    from tokcomp.methods.base import Method
+
+
+@dataclass
+class Account:
+    """What compression did to one request.
+
+    ``visual_full``: visual tokens of the stock model. ``visual_kept``: distinct visual embeddings
+    the LLM computes on in prefill. ``visual_positions``: visual positions the LLM's sequence has
+    (more than ``visual_kept`` under VTU, where merged tokens keep all their positions).
+    """
+
+    visual_full: int
+    visual_kept: int
+    visual_positions: int
+    per_image: list[dict]
+    per_layer: list[int]  # visual tokens after each encoder layer, summed over the request's units
+    prompt_tokens_full: int
+    prompt_tokens_kept: int
+    kv_bytes: int = 0  # this request's KV cache at the end of generation
+    kv_bytes_per_layer: list[int] = field(default_factory=list)  # the same, per decoder layer
+    decode_visual_attended: float = 0.0  # visual keys attended per layer and decode step (mean)
+    methods: dict = field(default_factory=dict)  # method-specific numbers (DyCoke's retained ratio, ...)
+    # what the method's pre-LLM selection recorded for this request (adaptive's plan), by method name;
+    # read by its report, not written out
+    selection: dict = field(default_factory=dict, repr=False, compare=False)
+    timings_ms: dict = field(default_factory=dict)  # under stock generate: preprocess, vision, select, prefill
+
+
+@dataclass
+class Spliced:
+    """One request's LLM input: unique embeddings and the full-length map (text included)."""
+
+    embeds: torch.Tensor  # (L_un, H)
+    mapping: torch.Tensor  # (L_full,)
+    account: Account
+    visual_unique: torch.Tensor  # (L_un,) bool: visual entries of the LLM input
+    visual_full: torch.Tensor  # (L_full,) bool: visual positions of the full-length sequence
+    positions: torch.Tensor  # (L_un,) position ids of the LLM input when VTU is off
+
+    @property
+    def is_identity(self) -> bool:
+        return self.mapping.shape[0] == self.embeds.shape[0]
+
+
+@dataclass
+class Batch:
+    """Left-padded batch of spliced requests."""
+
+    embeds: torch.Tensor  # (B, L_un, H)
+    unique_valid: torch.Tensor  # (B, L_un)
+    mapping: torch.Tensor  # (B, L_full)
+    full_valid: torch.Tensor  # (B, L_full)
+    full_positions: torch.Tensor  # (B, L_full)
+    full_lengths: torch.Tensor  # (B,)
+    unique_lengths: torch.Tensor  # (B,)
+    visual_unique: torch.Tensor  # (B, L_un)
+    visual_full: torch.Tensor  # (B, L_full)
+    positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
+
+
+class Assembler:
+    """Builds the LLM input of a batch for a loaded VLM and a method."""
+
+    def __init__(self, adapter: VLMAdapter, method: Method) -> None:
+        self.adapter = adapter
+        self.method = method
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapter.model.parameters()).device
+
+    @torch.no_grad()
+    def tokens_of(self, units: list[list]) -> list[list[UnitTokens]]:
+        """Per request, per visual unit (already preprocessed): the tokens the LLM receives, before any
+        pre-LLM selection (with the encoder trace on each, if the method reads one)."""
+        adapter = self.adapter
+        merging = adapter.merging is not None and self.method.encoder_rule(adapter) is not None
+        trace = adapter.trace  # the encoder trace the method reads, if any: each unit gets it per position
+        if trace is not None:
+            trace.take()  # nothing traced before this call
+        if not merging:
+            out = []
+            for req in units:
+                tokens = adapter.stock_unit_tokens(req)
+                if trace is not None:
+                    adapter.add_trace(req, tokens, trace.take(), stock=True)
+                out.append(tokens)
+            return out
+        views = torch.cat([u.views for req in units for u in req]) if any(units) else None
+        encoded = adapter.encode(views.to(self.device), project=True) if views is not None else []
+        traced = trace.take() if trace is not None else []
+        out, cursor = [], 0
+        for req in units:
+            tokens, start = [], cursor
+            for unit in req:
+                n = unit.views.shape[0]
+                tokens.append(adapter.merged_unit_tokens(unit, encoded[cursor : cursor + n]))
+                cursor += n
+            if trace is not None:
+                adapter.add_trace(req, tokens, traced[start:cursor], stock=False)
+            out.append(tokens)
+        return out
+
+    def select_ids(
+        self, ids: torch.Tensor, kinds: list[str], tokens: list[UnitTokens], record: dict | None = None
+    ) -> list[UnitTokens]:
+        """The selection given the prompt's token ids: text-aware methods read the embeddings of its text
+        tokens as the LLM receives them (the chat template's words included, placeholders left out)."""
+        adapter = self.adapter
+        placeholders = [t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None]
+        text_ids = ids[~torch.isin(ids, torch.tensor(placeholders, dtype=ids.dtype))]
+        text = adapter.embed_tokens(text_ids.to(self.device))
+        return self.method.select_request(adapter, kinds, tokens, text, record)
+
+    # --- splice ------------------------------------------------------------------------------
+    def splice_ids(self, ids: torch.Tensor, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
+        """The LLM input of token ids holding one placeholder per visual unit, with the units put in place."""
+        adapter = self.adapter
+        placeholder_ids = {adapter.image_token_id: "image"}
+        if adapter.video_token_id is not None:
+            placeholder_ids[adapter.video_token_id] = "video"
+        slots = [i for i, t in enumerate(ids.tolist()) if t in placeholder_ids]
+        kinds = [placeholder_ids[int(ids[i])] for i in slots]
+        if kinds != unit_kinds:
+            raise TokcompError(f"the prompt has placeholders {kinds} but the request has {unit_kinds}")
+        text_embeds = adapter.embed_tokens(ids.to(self.device))
+        pieces, maps, vis_un, vis_full = [], [], [], []
+        offset, start = 0, 0
+        for slot, unit in zip([*slots, len(ids)], [*units, None], strict=True):
+            n_text = slot - start
+            pieces.append(text_embeds[start:slot])
+            maps.append(torch.arange(n_text, device=self.device) + offset)
+            vis_un.append(torch.zeros(n_text, dtype=torch.bool))
+            vis_full.append(torch.zeros(n_text, dtype=torch.bool))
+            offset += n_text
+            if unit is not None:
+                pieces.append(unit.unique.to(text_embeds.dtype))
+                maps.append(unit.mapping.to(self.device) + offset)
+                vis_un.append(torch.ones(unit.kept, dtype=torch.bool))
+                vis_full.append(torch.ones(unit.full, dtype=torch.bool))
+                offset += unit.kept
+            start = slot + 1
+        embeds = torch.cat(pieces)
+        mapping = torch.cat(maps)
+        per_image = [
+            {
+                "kind": kind,
+                "full": u.original,
+                "kept": u.kept,
+                "positions": u.full,
+                "views": u.views,
+                "per_layer": u.layer_counts,
+            }
+            for kind, u in zip(unit_kinds, units, strict=True)
+        ]
+        per_layer = [sum(c) for c in zip(*(u.layer_counts for u in units), strict=True)] if units else []
+        account = Account(
+            visual_full=sum(u.original for u in units),
+            visual_kept=sum(u.kept for u in units),
+            visual_positions=sum(u.full for u in units),
+            per_image=per_image,
+            per_layer=per_layer,
+            prompt_tokens_full=int(mapping.shape[0]) - sum(u.full for u in units) + sum(u.original for u in units),
+            prompt_tokens_kept=int(embeds.shape[0]),
+        )
+        dev = self.device
+        positions = self._llm_positions(len(ids), slots, units, embeds.shape[0])
+        return Spliced(
+            embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev), positions.to(dev)
+        )
+
+    def _llm_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens], length: int) -> torch.Tensor:
+        """Position ids of the LLM input without VTU: the stock sequence's own positions for methods that
+        keep them (pruning), else contiguous (merging ablations, DyCoke's TTM)."""
+        if not self.method.keeps_positions or any(u.kept != u.full for u in units):
+            return torch.arange(length)
+        pieces, stock, start = [], 0, 0
+        for slot, unit in zip([*slots, num_ids], [*units, None], strict=True):
+            pieces.append(torch.arange(stock, stock + slot - start))
+            stock += slot - start
+            if unit is not None:
+                pieces.append(stock + unit.positions.cpu())
+                stock += unit.original
+            start = slot + 1
+        return torch.cat(pieces)
+
+    def collate(self, spliced: Sequence[Spliced]) -> Batch:
+        bsz = len(spliced)
+        hidden = spliced[0].embeds.shape[-1]
+        l_un = max(s.embeds.shape[0] for s in spliced)
+        l_full = max(s.mapping.shape[0] for s in spliced)
+        dev, dtype = self.device, spliced[0].embeds.dtype
+        embeds = torch.zeros(bsz, l_un, hidden, dtype=dtype, device=dev)
+        unique_valid = torch.zeros(bsz, l_un, dtype=torch.bool, device=dev)
+        mapping = torch.zeros(bsz, l_full, dtype=torch.long, device=dev)
+        full_valid = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
+        positions = torch.zeros(bsz, l_full, dtype=torch.long, device=dev)
+        visual_unique = torch.zeros(bsz, l_un, dtype=torch.bool, device=dev)
+        visual_full = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
+        llm_positions = torch.ones(bsz, l_un, dtype=torch.long, device=dev)
+        for b, s in enumerate(spliced):
+            n_un, n_full = s.embeds.shape[0], s.mapping.shape[0]
+            pad_un, pad_full = l_un - n_un, l_full - n_full
+            embeds[b, pad_un:] = s.embeds
+            unique_valid[b, pad_un:] = True
+            mapping[b, pad_full:] = s.mapping + pad_un
+            full_valid[b, pad_full:] = True
+            positions[b, pad_full:] = torch.arange(n_full, device=dev)
+            visual_unique[b, pad_un:] = s.visual_unique
+            visual_full[b, pad_full:] = s.visual_full
+            llm_positions[b, pad_un:] = s.positions
+        return Batch(
+            embeds, unique_valid, mapping, full_valid, positions,
+            torch.tensor([s.mapping.shape[0] for s in spliced], device=dev),
+            torch.tensor([s.embeds.shape[0] for s in spliced], device=dev),
+            visual_unique, visual_full, llm_positions,
+        )  # fmt: skip
+
+    def _check_inputs(self, kinds: list[list[str]]) -> None:
+        """A method that acts on none of a request's inputs (DyCoke on images) is a user error."""
+        label = getattr(self.method, "label", self.method.name)
+        for request_kinds in kinds:
+            if request_kinds and not set(request_kinds) & self.method.inputs:
+                raise TokcompError(
+                    f"method '{label}' works on {' and '.join(sorted(self.method.inputs))} input; "
+                    f"this request has only {' and '.join(sorted(set(request_kinds)))}"
+                )
