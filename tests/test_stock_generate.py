@@ -3,6 +3,9 @@ the same as tokcomp's own pipeline, under greedy, sampling and beam search."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from stock_inputs import stock_inputs
@@ -196,11 +199,10 @@ def test_every_method_runs_under_sampling_and_beams_or_refuses(llava_ov, photos,
 
 def test_the_readme_example_method_runs_under_stock_generate(llava, photos):
     """The "write your own method" example of the README, as printed there."""
-    from dataclasses import dataclass
-    from typing import ClassVar
-
     from tokcomp.methods.pruning import TokenScorer
+    from tokcomp.methods.settings import REGISTERED, register
 
+    @register
     @dataclass
     class PromptSimilar(TokenScorer):
         name: ClassVar[str] = "prompt-similar"
@@ -221,3 +223,11 @@ def test_the_readme_example_method_runs_under_stock_generate(llava, photos):
     with neutral(llava.model):
         same = llava.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(same, llava.model.generate(**inputs, max_new_tokens=3, do_sample=False))
+    try:  # registered: known by name, its settings typed from its fields
+        handle = tokcomp.method("prompt-similar", ratio="0.5")
+        with handle(llava.model):
+            llava.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert isinstance(handle.resolved, PromptSimilar) and handle.resolved.ratio == 0.5
+        assert handle.accounts[0].visual_kept == round(0.5 * handle.accounts[0].visual_full)
+    finally:
+        REGISTERED.pop("prompt-similar")

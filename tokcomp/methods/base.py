@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from tokcomp.errors import TokcompError
 from tokcomp.methods.dtome import MergeRule, attach_merging
+from tokcomp.methods.settings import SettingsContext, field_settings, register
 from tokcomp.methods.trace import TraceSpec, attach_trace
 
 if TYPE_CHECKING:
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
     from tokcomp.models.visual import UnitTokens
 
 
+@register
 @dataclass
 class Method:
     """No compression: the plain model. Subclasses override the hooks they need.
@@ -33,6 +37,21 @@ class Method:
     name: ClassVar[str] = "none"
     # The kinds of visual input the method acts on ("image", "video").
     inputs: ClassVar[frozenset[str]] = frozenset({"image", "video"})
+
+    # Whether --calib (a stored DToMe calibration) is for this method.
+    uses_calibration: ClassVar[bool] = False
+
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        """The names ``--set`` and presets may give (the dataclass's fields, unless a method adds more)."""
+        return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], context: SettingsContext) -> Method:
+        """The method from text or YAML settings (``--set key=value``, a preset), typed by its fields."""
+        if context.calib and not cls.uses_calibration:
+            raise TokcompError(f"--calib is for dymu/dtome; method '{cls.name}' does not use it")
+        return cls(**field_settings(cls, settings))
 
     @property
     def supports_beam_search(self) -> bool:

@@ -35,6 +35,7 @@ from tokcomp.errors import TokcompError
 from tokcomp.methods.attention import AttentionHook
 from tokcomp.methods.base import Method
 from tokcomp.methods.selection import top_k_stable
+from tokcomp.methods.settings import register
 from tokcomp.models.visual import UnitTokens, select_positions
 
 if TYPE_CHECKING:
@@ -306,6 +307,7 @@ def _gather_columns(key, value, allowed):
 
 
 # --- the method ------------------------------------------------------------------------------
+@register
 @dataclass
 class DyCoke(Method):
     """TTM on video tokens before the LLM, DP while decoding (LLaVA-OneVision video)."""

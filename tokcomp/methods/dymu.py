@@ -6,15 +6,18 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from tokcomp.config import check_calibration_dtype
+from tokcomp.config import Calibration, check_calibration_dtype
 from tokcomp.errors import TokcompError
 from tokcomp.methods.base import Method
+from tokcomp.methods.calibrations import calibration_name, stored_calibration
 from tokcomp.methods.dtome import FixedRRule, MergeRule, ThresholdRule
+from tokcomp.methods.settings import SettingsContext, field_settings, floats, register
 
 if TYPE_CHECKING:
     from tokcomp.models.adapters import VLMAdapter
 
 
+@register
 @dataclass
 class DyMU(Method):
     """Dynamic merging in the encoder (per-layer thresholds) and virtual unmerging in the LLM."""
@@ -27,6 +30,17 @@ class DyMU(Method):
     calibration: str | None = None
     vision_hash: str | None = None
     calibration_dtype: str | None = None  # the dtype the calibration was measured in
+
+    uses_calibration: ClassVar[bool] = True
+
+    @classmethod
+    def setting_names(cls) -> set[str]:
+        return super().setting_names() | {"budget", "threshold", "calib"}
+
+    @classmethod
+    def from_settings(cls, settings: dict, context: SettingsContext) -> DyMU:
+        resolved = dymu_settings(cls.name, settings, context.model_name, context.num_layers, context.calib)
+        return cls(**field_settings(cls, resolved))
 
     def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
         return ThresholdRule(self.thresholds)
@@ -56,6 +70,7 @@ class DyMU(Method):
         return all(math.isinf(t) and t > 0 for t in self.thresholds)
 
 
+@register
 @dataclass
 class DToMeOnly(DyMU):
     """The ablation: DToMe's merged tokens fed to the LLM with contiguous positions, no VTU."""
@@ -64,6 +79,7 @@ class DToMeOnly(DyMU):
     vtu: bool = False
 
 
+@register
 @dataclass
 class ToMe(Method):
     """ToMe: a fixed number of merges per encoder layer, the same for every image.
@@ -103,3 +119,42 @@ class ToMe(Method):
     @property
     def uses_vtu(self) -> bool:
         return self.vtu
+
+
+def dymu_settings(name: str, settings: dict, model_name: str, num_layers: int, calib: str | None) -> dict:
+    """Thresholds from ``threshold``/``thresholds``, a calibration file, or a budget's stored calibration."""
+    settings = dict(settings)
+    calib = calib or settings.pop("calib", None)
+    budget = settings.pop("budget", None)
+    threshold = settings.pop("threshold", None)
+    if "thresholds" in settings:
+        settings["thresholds"] = floats(settings["thresholds"], "thresholds")
+    if threshold is not None:
+        try:
+            settings["thresholds"] = [float(threshold)] * num_layers
+        except ValueError:
+            raise TokcompError(f"setting threshold: expected a number or inf, got '{threshold}'") from None
+    elif "thresholds" not in settings:
+        if calib is None:
+            if budget is None:
+                raise TokcompError(
+                    f"{name} needs thresholds: pass --calib PATH, --set budget=low|mid|high, or --set threshold=X"
+                )
+            found = stored_calibration(model_name, str(budget))
+            if found is None:
+                raise TokcompError(
+                    f"no stored calibration for {model_name} at budget {budget}; make one with: tokcomp calibrate "
+                    f"--model {model_name} --budget {budget} --data builtin:skimage "
+                    f"--out calib/{calibration_name(model_name)}/{budget}.yaml"
+                )
+            calib = str(found)
+        calibration = Calibration.load(calib)
+        settings["thresholds"] = list(calibration.thresholds)
+        settings.setdefault("order", calibration.token_order)
+        settings["budget"] = calibration.budget
+        settings["calibration"] = str(calib)
+        settings["vision_hash"] = calibration.provenance.vision_hash
+        settings["calibration_dtype"] = calibration.provenance.dtype
+    if any(math.isnan(t) for t in settings["thresholds"]):
+        raise TokcompError("thresholds must be numbers")
+    return settings

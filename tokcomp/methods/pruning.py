@@ -17,6 +17,7 @@ from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
 from tokcomp.methods.attention import AttentionHook, causal_mask
 from tokcomp.methods.base import Method
+from tokcomp.methods.settings import register
 from tokcomp.models.visual import UnitTokens, select_positions
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class TokenScorer(Method):
         return out
 
 
+@register
 @dataclass
 class RandomPruning(TokenScorer):
     """Uniformly random positions (seeded): the control UniPruneBench finds surprisingly strong."""
@@ -71,6 +73,7 @@ class RandomPruning(TokenScorer):
         return torch.rand(features.shape[0], generator=generator)
 
 
+@register
 @dataclass
 class DivPrune(TokenScorer):
     """DivPrune (CVPR 2025): the max-min diverse subset of the visual embeddings, greedily.
@@ -216,6 +219,7 @@ def _inter_stage(images, kept, text, count, tau, pool) -> list[torch.Tensor]:
     return out
 
 
+@register
 @dataclass
 class Adaptive(Method):
     """Adaptive multi-image pruning (TrimTokenator-LC), keeping ``rho`` of a request's visual tokens.
@@ -346,6 +350,7 @@ class FastVPruning(AttentionHook):
         return key, value, key_valid & allowed
 
 
+@register
 @dataclass
 class FastV(Method):
     """FastV (ECCV 2024): at LLM layer ``K`` drop all but the ``R`` share of visual tokens, ranked by the

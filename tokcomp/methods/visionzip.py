@@ -10,10 +10,12 @@ import torch
 from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
 from tokcomp.methods.base import Method
+from tokcomp.methods.settings import register
 from tokcomp.methods.trace import TraceSpec
 from tokcomp.models.visual import UnitTokens, merge_positions
 
 
+@register
 @dataclass
 class VisionZip(Method):
     """VisionZip (CVPR 2025): per encoder view, ``dominant`` tokens by attention plus ``contextual`` merged ones.
