@@ -68,11 +68,8 @@ on any machine, with no download. Built by `tokcomp train-tiny`; not a general-p
   pinpoint (a lone image is its base view plus one crop); video frames pooled 2×2.
 - Language model: {text['num_hidden_layers']} layers, width {text['hidden_size']},
   {text['num_attention_heads']} heads, a word-level vocabulary of the suites' words.
-- Its chat template puts **the question before the pictures** (`USER: <question> <image> ASSISTANT:`;
-  multi-image: `<question> first <image> second <image> ...`): the visual tokens can then see what is
-  asked, which turns "the colour of the triangle" into a one-step lookup a small model learns in
-  minutes. Methods that rank visual tokens by the last text token's attention (FastV) still read
-  the last prompt token.
+- Its chat template is LLaVA's: `USER: <image>\n<question> ASSISTANT:` (multi-image:
+  `first <image> second <image> <question>`).
 
 ## What it sees, and what it cannot
 
@@ -90,7 +87,7 @@ on any machine, with no download. Built by `tokcomp train-tiny`; not a general-p
 - Stage 2: {report['steps']} steps on the answers (cross-entropy on the answer and EOS), with the
   per-patch loss kept at weight {report['patch_weight']} and an evidence loss at weight
   {report.get('evidence_weight', 0)}: minus the log of the attention mass that each answer step pays, in
-  language-model layer {report.get('evidence_layer')} (heads averaged), to the visual tokens that hold
+  language-model layer {report.get('evidence_layer')} (the first half of its heads), to the visual tokens that hold
   its answer (the patches of the object asked about, the letter to write next, the frames where the
   object is). Training signal only: at inference the model is a stock one with stock attention.
   AdamW, peak learning rate {report['lr']},

@@ -230,8 +230,8 @@ def batch_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the answer tokens (and EOS) given the pictures and the prompt, the
     per-patch word loss (zero without ``words``), and the evidence loss: minus the log of the
-    attention mass that each answer step pays, in the probed layer (heads averaged), to the tokens
-    holding its evidence (zero unless the probe is on)."""
+    attention mass that each answer step pays, in the probed layer (averaged over the first half of
+    its heads, the others left free), to the tokens holding its evidence (zero unless the probe is on)."""
     pipe = Pipeline(adapter)
     tok = adapter.tokenizer
     requests = [request_of(it) for it in items]
@@ -271,7 +271,8 @@ def batch_loss(
     answer_loss = F.cross_entropy(logits.float(), torch.cat([ids for _, ids in targets]))
     evidence_terms = []
     if PROBE.layer >= 0 and PROBE.probs is not None:
-        attention = PROBE.probs.mean(dim=1)  # (B, L, L), heads averaged
+        heads = max(1, PROBE.probs.shape[1] // 2)  # the first half of the heads look; the others stay free
+        attention = PROBE.probs[:, :heads].mean(dim=1)  # (B, L, L)
         for b, ((start, _), steps) in enumerate(zip(targets, evidence, strict=True)):
             for k, where in enumerate(steps):
                 if where.any():
