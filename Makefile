@@ -118,7 +118,7 @@ gate-noise: install
 readme-results: install
 	$(TOKCOMP) report $(BASELINES)/*/ --format md --out $(BASELINES)/report.md \
 	  --plot $(BASELINES)/accuracy-vs-tokens.png
-	$(BIN)/python -m tokcomp.readme_block README.md results-table $(BASELINES)/report.md
+	$(BIN)/python -m tokcomp.results.readme_block README.md results-table $(BASELINES)/report.md
 
 # The stored calibrations in calib/ (used by later commands when only a budget is given).
 calibrations: install
@@ -129,7 +129,7 @@ calibrations: install
 	  $(BIN)/tokcomp calibrate --model tokcomp-tiny --budget $$budget --data builtin:tasks --batch-size 16 \
 	    --out calib/tokcomp-tiny/$$budget.yaml || exit 1; done
 
-# BENCHMARKS.md: the target cases of tokcomp/benchmarks_md.py (each JSON's name is its case) on the
+# BENCHMARKS.md: the target cases of tokcomp/benchmark/benchmarks_md.py (each JSON's name is its case) on the
 # real-shape presets (random weights), then the Markdown from the JSON reports. CPU-sized: the LLMs run
 # 2-4 decoder layers and DyCoke's video (which acts after the encoder) 1 SigLIP layer; whole-model
 # numbers are extrapolated and labelled. About 11-16 minutes on 2 cores (estimated from the FLOPs).

@@ -258,13 +258,13 @@ def test_an_unwritable_output_is_reported_before_the_work(command, where, runs, 
 
 
 def test_an_unexpected_exception_is_exit_3_with_one_line(runs, capsys, monkeypatch):
-    import tokcomp.regress
+    import tokcomp.results.regress
 
     def broken(*args, **kwargs):
         raise RuntimeError("something\nunexpected")
 
     monkeypatch.delenv("TOKCOMP_DEBUG", raising=False)
-    monkeypatch.setattr(tokcomp.regress, "regress", broken)
+    monkeypatch.setattr(tokcomp.results.regress, "regress", broken)
     code, _, err = run_tokcomp(["regress", "--baseline", str(runs[0]), "--current", str(runs[1])], capsys)
     assert code == 3 and err.count("\n") == 1, err
     assert err.startswith("error: internal error (RuntimeError: something unexpected)") and "TOKCOMP_DEBUG=1" in err

@@ -7,7 +7,7 @@ import json
 import pytest
 from cli_runner import run_tokcomp as _run
 
-from tokcomp.bench import parse_input
+from tokcomp.benchmark.bench import parse_input
 from tokcomp.errors import TokcompError
 from tokcomp.models.loading import load_vlm
 from tokcomp.models.shapes import SHAPES

@@ -8,7 +8,7 @@ import sys
 import pytest
 from cli_runner import run_tokcomp as _run
 
-from tokcomp.benchmarks_md import CASES, Target, evaluate, load_report, render
+from tokcomp.benchmark.benchmarks_md import CASES, Target, evaluate, load_report, render
 from tokcomp.cli import main
 from tokcomp.errors import TokcompError
 

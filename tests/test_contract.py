@@ -180,7 +180,7 @@ def test_unknown_dtype_is_bad_input(capsys):
 def test_report_writes_its_document_and_plot_all_or_none(tmp_path, capsys, monkeypatch):
     from runs_helper import task_entry, write_run
 
-    from tokcomp import report
+    from tokcomp.results import report
 
     run = write_run(tmp_path / "none", {"tc_shapes": task_entry(0.5)}, samples={"tc_shapes": [1.0, 0.0]})
     document, plot = tmp_path / "ok.md", tmp_path / "plot.png"

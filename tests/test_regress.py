@@ -9,7 +9,7 @@ import yaml
 from cli_runner import run_tokcomp as run
 from runs_helper import suite_source, task_entry, write_run
 
-from tokcomp.regress import Tolerance, Tolerances, load_tolerances, parse_tolerances, regress, sign_test_p
+from tokcomp.results.regress import Tolerance, Tolerances, load_tolerances, parse_tolerances, regress, sign_test_p
 
 SHAPES = [1.0] * 8 + [0.0] * 2  # 80 %
 TEXT = [1.0, 0.5, 0.0, 1.0, 1.0]  # soft accuracy: 70 %

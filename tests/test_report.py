@@ -12,8 +12,8 @@ from cli_runner import run_tokcomp as run
 from runs_helper import task_entry, write_run
 
 from tokcomp.errors import TokcompError
-from tokcomp.report import build_table, display_table, resolve_format
-from tokcomp.runs import load_run
+from tokcomp.results.report import build_table, display_table, resolve_format
+from tokcomp.results.runs import load_run
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_missing_measurements_stay_blank_and_mismatched_samples_warn(tmp_path, c
 
 def test_readme_block_is_replaced_between_its_markers(tmp_path):
     from tokcomp.errors import TokcompError
-    from tokcomp.readme_block import main, replace_block
+    from tokcomp.results.readme_block import main, replace_block
 
     text = "intro\n<!-- t:start -->\nold\n<!-- t:end -->\noutro\n"
     assert replace_block(text, "t", "| a |\n") == "intro\n<!-- t:start -->\n| a |\n<!-- t:end -->\noutro\n"

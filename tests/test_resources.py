@@ -10,7 +10,7 @@ import pytest
 from tokcomp import resources
 from tokcomp.methods.registry import _load_preset, preset_catalog, stored_calibration
 from tokcomp.models.loading import COMMITTED
-from tokcomp.regress import default_tolerances_path
+from tokcomp.results.regress import default_tolerances_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from runs_helper import task_entry, write_run
 
-from tokcomp.report import build_table, display_table
-from tokcomp.runs import load_run
+from tokcomp.results.report import build_table, display_table
+from tokcomp.results.runs import load_run
 from tokcomp.stats import agreement, paired_difference_interval, wilson_interval
 
 

@@ -441,7 +441,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Latency, memory, KV cache and FLOPs of a method against the plain model, in the same run."""
-    from tokcomp.bench import cpu_peaks, parse_input, run_bench, write_report
+    from tokcomp.benchmark.bench import cpu_peaks, parse_input, run_bench, write_report
     from tokcomp.io import ensure_writable
     from tokcomp.methods.registry import build_method, parse_sets
     from tokcomp.models.loading import load_vlm
@@ -485,7 +485,7 @@ def bench_md(
     out_path: Path = typer.Option(None, "--out", "-o", help="Write the Markdown here (atomically), not to stdout."),
 ) -> None:
     """Write BENCHMARKS.md from `tokcomp bench` reports: machine, commands, medians, ratios, targets met."""
-    from tokcomp.benchmarks_md import write_benchmarks
+    from tokcomp.benchmark.benchmarks_md import write_benchmarks
     from tokcomp.io import ensure_writable
 
     if not reports:
@@ -626,8 +626,8 @@ def report(
 ) -> None:
     """Runs side by side: accuracy, visual tokens and speed against the uncompressed run of each task."""
     from tokcomp.io import ensure_writable, write_all
-    from tokcomp.report import build_table, mismatched_samples, render, resolve_format, rich_table, save_plot
-    from tokcomp.runs import load_run
+    from tokcomp.results.report import build_table, mismatched_samples, render, resolve_format, rich_table, save_plot
+    from tokcomp.results.runs import load_run
 
     if not results:
         raise TokcompError("no results given: pass one or more `tokcomp eval` output folders")
@@ -669,8 +669,8 @@ def regress(
     ),
 ) -> None:
     """Fail (exit 1) when a run lost accuracy, gained visual tokens or flipped samples against a baseline."""
-    from tokcomp.regress import print_comparison
-    from tokcomp.regress import regress as compare
+    from tokcomp.results.regress import print_comparison
+    from tokcomp.results.regress import regress as compare
 
     comparison = compare(baseline, current, tolerances)
     code = 0 if comparison.passed else 1

@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from tokcomp.io import atomic_write_text
     from tokcomp.machine import machine_description
-    from tokcomp.regress import regress
+    from tokcomp.results.regress import regress
 
     runs = [run.split(":", 1) for run in args.runs]
     plan = [(variant, method, tasks) for variant in VARIANTS for method, tasks in runs]

@@ -47,7 +47,7 @@ site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 import sys
 from tokcomp import resources
 from tokcomp.models.loading import COMMITTED
-from tokcomp.regress import default_tolerances_path
+from tokcomp.results.regress import default_tolerances_path
 site = sys.argv[1]
 found = {p: resources.find(*p.split("/")) for p in ("configs/dymu-mid.yaml", "calib/tokcomp-tiny/mid.yaml")}
 found["checkpoints/tokcomp-tiny"] = COMMITTED["tokcomp-tiny"]

@@ -2,7 +2,7 @@
 
 Used by ``make readme-results`` to put ``tokcomp report``'s Markdown table into the README::
 
-    python -m tokcomp.readme_block README.md results-table results/tokcomp-tiny/report.md
+    python -m tokcomp.results.readme_block README.md results-table results/tokcomp-tiny/report.md
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def replace_block(text: str, name: str, content: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3:
-        print("usage: python -m tokcomp.readme_block FILE.md BLOCK CONTENT_FILE", file=sys.stderr)
+        print("usage: python -m tokcomp.results.readme_block FILE.md BLOCK CONTENT_FILE", file=sys.stderr)
         return 2
     target, name, source = Path(args[0]), args[1], Path(args[2])
     try:

@@ -16,7 +16,7 @@ from rich.text import Text
 from tokcomp import resources
 from tokcomp.errors import TokcompError
 from tokcomp.eval.provenance import describe, same_documents
-from tokcomp.runs import Run, Sample, load_run, load_samples
+from tokcomp.results.runs import Run, Sample, load_run, load_samples
 from tokcomp.stats import paired_difference_interval
 
 TOLERANCES_NAME = "regress-tolerances.yaml"

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from tokcomp import __version__, flops
+from tokcomp import __version__
+from tokcomp.benchmark import flops
 from tokcomp.errors import TokcompError
 from tokcomp.machine import machine_description, machine_info
 from tokcomp.methods.base import Method

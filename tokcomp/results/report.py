@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tokcomp.errors import TokcompError
-from tokcomp.runs import Run
+from tokcomp.results.runs import Run
 from tokcomp.visualize import save_png
 
 FORMATS = ("table", "md", "csv", "html")
@@ -159,7 +159,7 @@ def build_table(runs: Sequence[Run]) -> pd.DataFrame:
 def _add_statistics(frame: pd.DataFrame, runs: Sequence[Run]) -> None:
     """Per row: the accuracy's Wilson 95 % interval, and against the plain run of its task and model the
     paired difference with its bootstrap interval and the share of identical answers (from samples.jsonl)."""
-    from tokcomp.runs import load_samples
+    from tokcomp.results.runs import load_samples
     from tokcomp.stats import agreement, paired_difference_interval, wilson_interval
 
     samples = {str(run.root): load_samples(run) for run in runs if (run.root / "samples.jsonl").is_file()}

@@ -1,0 +1,1 @@
+"""Speed, memory and FLOPs: the side-by-side benchmark, analytic FLOPs, BENCHMARKS.md."""
