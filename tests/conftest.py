@@ -59,7 +59,7 @@ def flat_image() -> Image.Image:
 @pytest.fixture(scope="session")
 def suites_dir(tmp_path_factory):
     """The built-in suites' eval files (24 items per task) where `tokcomp eval` reads them ($TOKCOMP_TASKS_DIR)."""
-    from tokcomp.tiny.tasks import write_eval_splits
+    from tokcomp.data.tasks import write_eval_splits
 
     folder = tmp_path_factory.mktemp("tasks")
     write_eval_splits(folder, n=24)

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 from skimage import data as skdata
 
-from tokcomp.tiny.tasks import make_item, write_mp4
+from tokcomp.data.tasks import make_item, write_mp4
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 

@@ -145,7 +145,7 @@ def test_an_unusable_tokcomp_home_is_one_line(case, tmp_path, capsys, monkeypatc
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory) -> dict[str, Path]:
     """tc_shapes documents, good ones and each kind of broken one."""
-    from tokcomp.tiny.tasks import write_eval_splits
+    from tokcomp.data.tasks import write_eval_splits
 
     root = tmp_path_factory.mktemp("documents")
     write_eval_splits(root / "good", n=3, tasks=["tc_shapes"])

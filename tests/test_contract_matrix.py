@@ -286,7 +286,7 @@ def test_detaching_restores_the_model_exactly(adapter, photos, name):
 def _stock_logits(adapter, image, prompt: str) -> torch.Tensor:
     """The stock HF model's next-token logits, fed the way its own processor would (placeholders expanded)."""
     units = adapter.prepare_units([image], None)
-    count = adapter.stock_unit_tokens(units)[0].full
+    count = adapter.stock_unit_tokens(units)[0].num_positions
     text = adapter.build_prompt(prompt, 1, False).replace("<image>", "<image>" * count)
     ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     if adapter.family == "llava":
@@ -393,7 +393,7 @@ def test_dycoke_ttm_keeps_the_stated_share_of_the_most_changed_tokens(llava_ov, 
     per_frame = torch.bincount(out.positions[out.positions < 8 * n] // n, minlength=8).tolist()
     assert per_frame == [n, keep, keep, keep, n, keep, keep, keep]  # anchors whole, (1-K) of the others
     assert int(out.positions[-1]) == 8 * n  # the newline stays
-    grid = unit.full_features()[: 8 * n].reshape(8, n, -1)
+    grid = unit.position_features()[: 8 * n].reshape(8, n, -1)
     for frame, ref in ((1, 0), (2, 0), (3, 2), (7, 6)):
         mine = out.positions[(out.positions >= frame * n) & (out.positions < (frame + 1) * n)] - frame * n
         similarity = torch.nn.functional.cosine_similarity(grid[frame], grid[ref], dim=-1)
@@ -496,7 +496,7 @@ def test_random_keeps_exactly_the_budget_and_is_seeded(adapter, photos):
         tokens = adapter.stock_unit_tokens(units)
         return [u.positions.tolist() for u in method.select_request(adapter, ["image", "image"], tokens, text)]
 
-    n = adapter.stock_unit_tokens(units)[0].full
+    n = adapter.stock_unit_tokens(units)[0].num_positions
     one, again, other = positions(ratio=0.3, seed=1), positions(ratio=0.3, seed=1), positions(ratio=0.3, seed=2)
     assert [len(p) for p in one] == [round(0.3 * n)] * 2
     assert one == again and one != other and one[0] != one[1]  # seeded, per seed and per unit
@@ -561,11 +561,12 @@ def test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_gr
         for p, j in zip(rest, nearest, strict=True):
             if p not in groups:
                 groups[centres[j]].append(p)
-        full = before.full_features()
-        expected = {p: full[p] for p in [*top, *range(n, before.full)]}  # dominant ones, OneVision's newline
+        full = before.position_features()
+        expected = {p: full[p] for p in [*top, *range(n, before.num_positions)]}  # dominant ones, OneVision's newline
         expected |= {centre: full[members].float().mean(dim=0) for centre, members in groups.items()}
-        assert after.positions.tolist() == sorted(expected) and after.kept == after.full == d + c + before.full - n
-        got = after.full_features()
+        assert after.positions.tolist() == sorted(expected)
+        assert after.kept == after.num_positions == d + c + before.num_positions - n
+        got = after.position_features()
         for i, p in enumerate(after.positions.tolist()):
             if p in groups and len(groups[p]) > 1:
                 torch.testing.assert_close(got[i].float(), expected[p], rtol=1e-5, atol=1e-6)
@@ -573,4 +574,4 @@ def test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_gr
                 assert torch.equal(got[i], expected[p])
         assert sum(len(g) > 1 for g in groups.values()) > 1  # something merged
     account = Pipeline(adapter, method).generate([request], 1)[0].account
-    assert account.visual_kept == account.visual_positions == sum(u.full for u in kept)
+    assert account.visual_kept == account.visual_positions == sum(u.num_positions for u in kept)

@@ -65,7 +65,7 @@ def test_bad_sources_raise_one_clear_error(spec, message):
 
 
 def test_builtin_task_pictures_are_a_stream_of_their_own():
-    from tokcomp.tiny.tasks import make_item
+    from tokcomp.data.tasks import make_item
 
     items = open_image_source("builtin:tasks/8")
     assert len(items) == 8 and len(open_image_source("builtin:tasks")) == 96

@@ -66,12 +66,12 @@ def test_identical_frames_keep_the_anchors_and_unrelated_frames_the_most_changed
     frame = torch.randn(n, 16, generator=torch.Generator().manual_seed(2))
     still = identity_tokens(torch.cat([frame.repeat(8, 1), torch.zeros(1, 16)]), [], num_frames=8)
     out = apply_ttm(still, k)
-    assert out.full == 2 * n + 6 * keep + 1  # anchors whole, the (1-K) share of every other frame, newline
+    assert out.num_positions == 2 * n + 6 * keep + 1  # anchors whole, the (1-K) share of every other frame, newline
     rng = torch.Generator().manual_seed(3)
     moving = torch.randn(8, n, 16, generator=rng)
     unit = identity_tokens(torch.cat([moving.flatten(0, 1), torch.zeros(1, 16)]), [], num_frames=8)
     out_moving = apply_ttm(unit, k)
-    assert out_moving.full == out.full
+    assert out_moving.num_positions == out.num_positions
     frame1 = out_moving.positions[(out_moving.positions >= n) & (out_moving.positions < 2 * n)] - n
     similarity = torch.nn.functional.cosine_similarity(moving[1], moving[0], dim=-1)
     assert set(frame1.tolist()) == set(similarity.topk(keep, largest=False).indices.tolist())

@@ -60,7 +60,7 @@ def test_the_trace_is_the_eager_attention_of_that_layer_at_every_position(adapte
     scores, keys = eager_trace(adapter, unit.views, layer or adapter.feature_layer)
     view, patch = tokens.provenance.T
     exact = patch >= 0
-    assert tokens.trace.shape == (tokens.full,) and int(exact.sum()) >= adapter.num_patches
+    assert tokens.trace.shape == (tokens.num_positions,) and int(exact.sum()) >= adapter.num_patches
     torch.testing.assert_close(tokens.trace[exact], scores[view[exact], patch[exact]], rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(tokens.trace_keys[exact], keys[view[exact], patch[exact]], rtol=1e-5, atol=1e-6)
     assert torch.isnan(tokens.trace[view < 0]).all() and not torch.isnan(tokens.trace[view >= 0]).any()  # newlines

@@ -12,9 +12,9 @@ import pytest
 from cli_runner import run_tokcomp
 from stock_task_data import write_mvbench, write_textvqa, write_videomme
 
+from tokcomp.data.tasks import normalize_answer
 from tokcomp.eval.model import cut_at_stops, split_visuals
 from tokcomp.eval.runner import EvalRequest, as_fraction, run_eval, sample_score
-from tokcomp.tiny.tasks import normalize_answer
 
 RESULT_KEYS = {"schema", "model", "method", "calibration", "limit", "tasks", "versions", "git_commit", "date"}
 TASK_KEYS = {"metric", "score", "metrics", "samples", "visual_tokens", "timings", "memory"}
@@ -88,8 +88,8 @@ def test_stock_video_tasks_run_offline_on_local_files(task, tmp_path):
 
 
 def test_lmms_eval_command_line_runs_the_tokcomp_model(tmp_path):
+    from tokcomp.data.tasks import write_eval_splits
     from tokcomp.eval.tasks import TASKS_DIR
-    from tokcomp.tiny.tasks import write_eval_splits
 
     write_eval_splits(tmp_path / "data" / "tasks", n=2, tasks=["tc_shapes"])  # where the suite YAML looks
     command = [str(Path(sys.executable).parent / "lmms-eval"), "--model", "tokcomp",

@@ -65,3 +65,12 @@ def test_no_module_imports_itself_through_others():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_does_not_import_tokcomp_tiny():
+    """tokcomp-tiny (its model, training and card) is a user of the library, not part of it: only the CLI's
+    train-tiny command reaches it; the task suites it learns from live in tokcomp.data.tasks."""
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if not m.startswith("tokcomp.tiny") and
+                   any(d == "tokcomp.tiny" or d.startswith("tokcomp.tiny.") for d in deps))  # fmt: skip
+    assert users == ["tokcomp.cli"], users

@@ -21,7 +21,7 @@ PROMPT = "what is the color of the object ?"
 def _stock_generate(adapter, image, prompt, max_new_tokens):
     """The plain HF model, fed the way its own processor would (placeholders expanded)."""
     units = adapter.prepare_units([image], None)
-    count = adapter.stock_unit_tokens(units)[0].full
+    count = adapter.stock_unit_tokens(units)[0].num_positions
     text = adapter.build_prompt(prompt, 1, False).replace("<image>", "<image>" * count)
     ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     if adapter.family == "llava":

@@ -10,13 +10,12 @@ import pytest
 import torch
 from skimage.measure import label, regionprops
 
-from tokcomp.models.adapters import LlavaOnevisionAdapter
-from tokcomp.tiny import TASKS
-from tokcomp.tiny.tasks import (
+from tokcomp.data.tasks import (
     COLORS,
     LABEL_PATCH,
     NUMBERS,
     ORDINALS,
+    TASKS,
     generate,
     make_item,
     normalize_answer,
@@ -25,6 +24,7 @@ from tokcomp.tiny.tasks import (
     read_eval_split,
     write_eval_splits,
 )
+from tokcomp.models.adapters import LlavaOnevisionAdapter
 
 
 # --- an independent reading of the pictures ----------------------------------------------------
@@ -189,7 +189,7 @@ def test_patch_labels_agree_with_the_pixels(task):
 
 
 def test_text_labels_spell_the_answer_left_to_right():
-    from tokcomp.tiny.tasks import TEXT_ALPHABET
+    from tokcomp.data.tasks import TEXT_ALPHABET
 
     for item in generate("tc_text", "train", 8):
         (labels,) = item.labels
@@ -314,7 +314,7 @@ def test_evidence_marks_the_tokens_that_hold_the_answer():
     for item in (it for it in generate("tc_shapes", "train", 40) if it.kind == "color"):
         (labels,), ((mask,),) = item.labels, item.evidence[:-1]
         shape = item.question.removeprefix("what color is the ").removesuffix("?")
-        from tokcomp.tiny.tasks import COLORS, SHAPES
+        from tokcomp.data.tasks import COLORS, SHAPES
 
         assert (mask == (labels["shape"] == SHAPES.index(shape) + 1)).all()
         assert set(labels["color"][mask]) == {list(COLORS).index(item.answer) + 1}

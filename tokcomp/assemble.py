@@ -162,7 +162,7 @@ class Assembler:
                 pieces.append(unit.unique.to(text_embeds.dtype))
                 maps.append(unit.mapping.to(self.device) + offset)
                 vis_un.append(torch.ones(unit.kept, dtype=torch.bool))
-                vis_full.append(torch.ones(unit.full, dtype=torch.bool))
+                vis_full.append(torch.ones(unit.num_positions, dtype=torch.bool))
                 offset += unit.kept
             start = slot + 1
         embeds = torch.cat(pieces)
@@ -172,7 +172,7 @@ class Assembler:
                 "kind": kind,
                 "full": u.original,
                 "kept": u.kept,
-                "positions": u.full,
+                "positions": u.num_positions,
                 "views": u.views,
                 "per_layer": u.layer_counts,
             }
@@ -182,10 +182,12 @@ class Assembler:
         account = Account(
             visual_full=sum(u.original for u in units),
             visual_kept=sum(u.kept for u in units),
-            visual_positions=sum(u.full for u in units),
+            visual_positions=sum(u.num_positions for u in units),
             per_image=per_image,
             per_layer=per_layer,
-            prompt_tokens_full=int(mapping.shape[0]) - sum(u.full for u in units) + sum(u.original for u in units),
+            prompt_tokens_full=int(mapping.shape[0])
+            - sum(u.num_positions for u in units)
+            + sum(u.original for u in units),
             prompt_tokens_kept=int(embeds.shape[0]),
         )
         dev = self.device
@@ -197,7 +199,7 @@ class Assembler:
     def _llm_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens], length: int) -> torch.Tensor:
         """Position ids of the LLM input without VTU: the stock sequence's own positions for methods that
         keep them (pruning), else contiguous (merging ablations, DyCoke's TTM)."""
-        if not self.method.keeps_positions or any(u.kept != u.full for u in units):
+        if not self.method.keeps_positions or any(u.kept != u.num_positions for u in units):
             return torch.arange(length)
         pieces, stock, start = [], 0, 0
         for slot, unit in zip([*slots, num_ids], [*units, None], strict=True):
@@ -243,7 +245,7 @@ class Assembler:
 
     def _check_inputs(self, kinds: list[list[str]]) -> None:
         """A method that acts on none of a request's inputs (DyCoke on images) is a user error."""
-        label = getattr(self.method, "label", self.method.name)
+        label = self.method.label
         for request_kinds in kinds:
             if request_kinds and not set(request_kinds) & self.method.inputs:
                 raise TokcompError(

@@ -691,7 +691,7 @@ def make_tasks(ctx: typer.Context) -> None:
     """Write the built-in task suites' eval splits (tc_shapes, tc_text, tc_multi, tc_motion) as parquet.
 
     Options (see `tokcomp make-tasks --help`): --out DIR, --num-items N, --seed S, --tasks ..., --mp4."""
-    from tokcomp.tiny.tasks import main as tasks_main
+    from tokcomp.data.tasks import main as tasks_main
 
     raise typer.Exit(tasks_main(ctx.args))
 

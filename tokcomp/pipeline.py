@@ -207,7 +207,7 @@ class Pipeline(Assembler):
             s.account.methods = self.method.report(self.last_hooks, b, s.account)
             results.append(Generation(answer, ids, s.account))
         n_decode = max(len(x) for x in run.steps) - 1
-        hook_s = sum(getattr(h, "seconds", 0.0) for h in self.last_hooks)
+        hook_s = sum(h.seconds for h in self.last_hooks)
         timings = {
             "preprocess": 1000 * (t_pre - t0),
             "vision": 1000 * (t_enc - t_pre),
@@ -292,8 +292,7 @@ def _kv_bytes_per_layer(cache: DynamicCache, valid: torch.Tensor, hooks: list) -
         per_column = keys.shape[1] * keys.shape[-1] * keys.element_size() * 2
         columns = valid[:, : keys.shape[-2]]
         for hook in hooks:
-            layer_valid = getattr(hook, "valid_columns", None)
-            if layer_valid is not None and (override := layer_valid(index, keys.shape[-2])) is not None:
+            if (override := hook.valid_columns(index, keys.shape[-2])) is not None:
                 columns = override
         for b, count in enumerate(columns.sum(dim=1).tolist()):
             totals[b][index] = int(count) * per_column
@@ -303,9 +302,8 @@ def _kv_bytes_per_layer(cache: DynamicCache, valid: torch.Tensor, hooks: list) -
 def _decode_attended(hooks: list, visual: torch.Tensor) -> list[float]:
     """Visual keys attended per layer per decode step, per request."""
     for hook in hooks:
-        per_sample = getattr(hook, "attended_per_sample", None)
-        if per_sample is not None:
-            return per_sample()
+        if (per_sample := hook.attended_per_sample()) is not None:
+            return per_sample
     return [float(v) for v in visual.sum(dim=1).tolist()]
 
 

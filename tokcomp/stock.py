@@ -285,7 +285,7 @@ def _cache_length(kwargs: dict) -> int:
 
 
 def _label(method: Method) -> str:
-    return getattr(method, "label", method.name)
+    return method.label
 
 
 @contextmanager

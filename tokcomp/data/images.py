@@ -163,8 +163,7 @@ TASK_PICTURES = 96
 def _task_items(count: int) -> list[ImageItem]:
     """Pictures drawn like the tc_* suites' (scenes, text, single objects, video frames), from a stream of
     their own: neither the training nor the eval items."""
-    from tokcomp.tiny import TASKS
-    from tokcomp.tiny.tasks import make_item
+    from tokcomp.data.tasks import TASKS, make_item
 
     def load(task: str, index: int) -> Image.Image:
         item = make_item(task, "calib", index)

@@ -206,9 +206,9 @@ def run_eval(request: EvalRequest, out_dir: Path, log=print) -> dict:
 
 def _data_sources(plans, manager) -> dict[str, dict]:
     """Per leaf task, where its documents come from (see tokcomp.eval.provenance)."""
+    from tokcomp.data.tasks import GENERATOR_VERSION
     from tokcomp.eval.provenance import data_source
     from tokcomp.eval.tasks import SUITES
-    from tokcomp.tiny.tasks import GENERATOR_VERSION
 
     sources = {}
     for plan in plans:

@@ -10,7 +10,7 @@ import io
 
 from PIL import Image
 
-from tokcomp.tiny.tasks import multi_image_prompt, normalize_answer
+from tokcomp.data.tasks import multi_image_prompt, normalize_answer
 
 # Fields the hooks below read: every document has these, and its pictures in one of VISUAL_COLUMNS.
 DOC_COLUMNS = ("task", "question", "answer")

@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokcomp.data.tasks import TASKS as SUITES
 from tokcomp.errors import TokcompError
 from tokcomp.eval.documents import check_documents
-from tokcomp.tiny import TASKS as SUITES
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SUITE_GROUP = "tc_suites"
@@ -50,7 +50,7 @@ def ensure_suite_files(names: list[str], data_dir: Path, log=print) -> None:
     """Write the suites' eval files when missing or made by an older generator (same bytes every time)."""
     import json
 
-    from tokcomp.tiny.tasks import GENERATOR_VERSION, write_eval_splits
+    from tokcomp.data.tasks import GENERATOR_VERSION, write_eval_splits
 
     index_path = data_dir / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}

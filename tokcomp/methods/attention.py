@@ -42,6 +42,16 @@ class AttentionHook:
         """The hook only observes (a keep ratio of 1): its layers run the stock attention, bit for bit."""
         return False
 
+    seconds: float = 0.0  # the hook's own work (probes, masks, gathers), for the account's method overhead
+
+    def attended_per_sample(self) -> list[float] | None:
+        """Visual keys attended per layer and decode step, per request (None: every visual key)."""
+        return None
+
+    def valid_columns(self, index: int, length: int) -> torch.Tensor | None:
+        """Occupied cache slots of layer ``index`` where the hook changed the cache (None: unchanged)."""
+        return None
+
     def start_step(self, active: torch.Tensor) -> None:
         """Called before each decoding step with the requests (B,) still generating; per-request
         statistics count only those steps, so a request reports the same numbers in any batch."""

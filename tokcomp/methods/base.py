@@ -38,6 +38,11 @@ class Method:
     # The kinds of visual input the method acts on ("image", "video").
     inputs: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
+    @property
+    def label(self) -> str:
+        """How the method is named in messages (a combination: its parts joined with +)."""
+        return self.name
+
     # Whether --calib (a stored DToMe calibration) is for this method.
     uses_calibration: ClassVar[bool] = False
 

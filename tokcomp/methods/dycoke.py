@@ -97,7 +97,7 @@ def apply_ttm(unit: UnitTokens, k: float, window: int = 4, reference: bool = Fal
     if unit.num_frames == 0:
         return unit
     n, num_frames = unit.frame_tokens, unit.num_frames
-    full = unit.full_features()
+    full = unit.position_features()
     frames = full[: num_frames * n].reshape(num_frames, n, -1)
     kept = ttm_select(frames, k, window, reference)
     positions = [idx + f * n for f, idx in enumerate(kept)]

@@ -54,8 +54,8 @@ class TokenScorer(Method):
     def select_request(self, adapter, kinds, tokens, text, record=None):
         out = []
         for index, unit in enumerate(tokens):
-            keep = min(unit.full, max(1, round(self.ratio * unit.full)))
-            scores = self.score(unit.full_features(), text, index)
+            keep = min(unit.num_positions, max(1, round(self.ratio * unit.num_positions)))
+            scores = self.score(unit.position_features(), text, index)
             out.append(select_positions(unit, S.top_k_stable(scores, keep).sort().values))
         return out
 
@@ -253,8 +253,8 @@ class Adaptive(Method):
                 n = unit.frame_tokens
                 groups += [(u, torch.arange(f * n, (f + 1) * n)) for f in range(unit.num_frames)]
             else:
-                groups.append((u, torch.arange(unit.full)))
-        feats = [tokens[u].full_features()[pos].float().cpu() for u, pos in groups]
+                groups.append((u, torch.arange(unit.num_positions)))
+        feats = [tokens[u].position_features()[pos].float().cpu() for u, pos in groups]
         plan = adaptive_select(feats, text.float().cpu(), self.rho, self.floor, self.tau, self.pool)
         if record is not None and self.rho < 1:  # rho=1 keeps everything and reports nothing, as the plain model
             record[self.name] = plan
@@ -264,7 +264,7 @@ class Adaptive(Method):
         out = []
         for u, unit in enumerate(tokens):
             if unit.num_frames:  # the video's trailing newline stays
-                chosen[u].append(torch.arange(unit.num_frames * unit.frame_tokens, unit.full))
+                chosen[u].append(torch.arange(unit.num_frames * unit.frame_tokens, unit.num_positions))
             out.append(select_positions(unit, torch.cat(chosen[u]).sort().values))
         return out
 

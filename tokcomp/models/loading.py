@@ -27,7 +27,7 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
         folder = COMMITTED[name]
         if not (folder / "config.json").exists():
             raise TokcompError(
-                f"the {name} checkpoint is missing ({folder}); retrain it with `python -m tokcomp.tiny.train`"
+                f"the {name} checkpoint is missing ({folder}); retrain it with `tokcomp train-tiny`"
             )
         return str(folder), True
     if name in PRESETS:

@@ -82,8 +82,8 @@ class UnitTokens:
             self.positions = torch.arange(self.mapping.shape[0], device=self.mapping.device)
 
     @property
-    def full(self) -> int:
-        """Positions the LLM sees for this unit (after any pre-LLM selection)."""
+    def num_positions(self) -> int:
+        """Positions the LLM sees for this unit (after any pre-LLM selection; ``original``: the stock count)."""
         return int(self.mapping.shape[0])
 
     @property
@@ -91,8 +91,8 @@ class UnitTokens:
         """Distinct embeddings the LLM computes on for this unit."""
         return int(self.unique.shape[0])
 
-    def full_features(self) -> torch.Tensor:
-        """(N_full, H): every position's embedding (merged tokens copied to all their positions)."""
+    def position_features(self) -> torch.Tensor:
+        """(N_positions, H): every position's embedding (merged tokens copied to all their positions)."""
         return self.unique[self.mapping]
 
 
@@ -143,7 +143,7 @@ def merge_positions(unit: UnitTokens, groups: list[torch.Tensor]) -> UnitTokens:
     if all(len(g) == 1 for g in groups):
         return select_positions(unit, heads[order])
     groups = [groups[int(i)].to(unit.mapping.device) for i in order]
-    feats = unit.full_features()
+    feats = unit.position_features()
 
     def mean(values: torch.Tensor) -> torch.Tensor:
         rows = [values[g].float().mean(dim=0) if len(g) > 1 else values[g[0]].float() for g in groups]

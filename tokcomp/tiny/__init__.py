@@ -1,7 +1,11 @@
-"""tokcomp-tiny: a small LLaVA-OneVision trained from scratch on built-in synthetic task suites.
+"""tokcomp-tiny: a small LLaVA-OneVision trained from scratch on the built-in task suites.
 
-``tasks`` generates the suites (tc_shapes, tc_text, tc_multi, tc_motion), ``model`` builds the
-untrained model, ``train`` trains it and ``evaluate`` measures its accuracy through the pipeline.
+The suites themselves (``tokcomp.data.tasks``) belong to the library; this package is only the
+model: ``model`` builds it untrained, ``train`` trains it (resumably), ``evaluate`` measures it
+through the pipeline and ``card`` writes its training curve and model card. Nothing in the library
+imports it; the CLI's ``train-tiny`` does.
 """
 
-TASKS = ("tc_shapes", "tc_text", "tc_multi", "tc_motion")
+from tokcomp.data.tasks import TASKS
+
+__all__ = ["TASKS"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokcomp.tiny import TASKS
+from tokcomp.data.tasks import TASKS
 
 
 def plot_curve(report: dict, path: str | Path) -> Path:

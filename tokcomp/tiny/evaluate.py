@@ -7,10 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from tokcomp.data.tasks import TASKS, Item, generate, normalize_answer, random_guess, read_eval_split
 from tokcomp.methods.base import Method
 from tokcomp.pipeline import Pipeline, Request
-from tokcomp.tiny import TASKS
-from tokcomp.tiny.tasks import Item, generate, normalize_answer, random_guess, read_eval_split
 
 MAX_NEW_TOKENS = 8
 
@@ -60,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokcomp.tiny.evaluate", description=evaluate_tasks.__doc__)
     parser.add_argument("--model", default="tokcomp-tiny")
     parser.add_argument("--num-items", type=int, default=200)
-    parser.add_argument("--data", default=None, help="folder written by `python -m tokcomp.tiny.tasks`")
+    parser.add_argument("--data", default=None, help="folder written by `python -m tokcomp.data.tasks`")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     args = parser.parse_args(argv)
     import torch

@@ -14,9 +14,9 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from tokcomp.data.tasks import IMAGE_SIZE, LABEL_PATCH, vocabulary
 from tokcomp.models.presets import CHAT_TEMPLATE
 from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
-from tokcomp.tiny.tasks import IMAGE_SIZE, LABEL_PATCH, vocabulary
 
 # 112 px, patch 14: 8x8 = 64 patch tokens per image or frame, each patch about one object or one
 # letter wide. One AnyRes pinpoint (112x112): a lone image costs its base view plus one crop (and a

@@ -24,11 +24,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tokcomp.data.tasks import LABEL_WORDS, TASKS, Item, make_item
 from tokcomp.models.adapters import LlavaOnevisionAdapter
 from tokcomp.models.visual import identity_tokens
 from tokcomp.pipeline import Pipeline, Request
 from tokcomp.resources import REPO_ROOT
-from tokcomp.tiny import TASKS
 from tokcomp.tiny.model import (
     TEST_SPEC,
     TINY_SPEC,
@@ -37,7 +37,6 @@ from tokcomp.tiny.model import (
     build_tokenizer,
     save_checkpoint,
 )
-from tokcomp.tiny.tasks import LABEL_WORDS, Item, make_item
 
 DEFAULT_OUT = REPO_ROOT / "checkpoints" / "tokcomp-tiny"  # the checkout's, which setup.py ships
 # Items per training batch (one task per batch): video and multi-image items cost more encoder views.
@@ -318,8 +317,8 @@ def _save_state(path: Path, state: dict) -> None:
 
 def _validation_accuracy(adapter, items_per_task: int, seed: int) -> dict[str, float]:
     """Accuracy on the "val" split (never the eval split), for the training curve."""
+    from tokcomp.data.tasks import generate
     from tokcomp.tiny.evaluate import answer_items, score
-    from tokcomp.tiny.tasks import generate
 
     was_training, probed = adapter.model.training, PROBE.layer
     adapter.model.eval()

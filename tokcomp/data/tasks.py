@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tokcomp.tiny import TASKS
-
+TASKS = ("tc_shapes", "tc_text", "tc_multi", "tc_motion")
 IMAGE_SIZE = 112
 LABEL_PATCH = 14  # tokcomp-tiny's patch size: training labels are given per 14x14 patch
 OBJECT_MIN_COVER = 0.15  # a patch is labelled with an object when the object covers this share of it
@@ -559,7 +558,7 @@ def read_eval_split(path: str | Path, limit: int | None = None) -> list[Item]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokcomp.tiny.tasks", description=write_eval_splits.__doc__)
+    parser = argparse.ArgumentParser(prog="tokcomp make-tasks", description=write_eval_splits.__doc__)
     parser.add_argument("--out", default="data/tasks", help="output folder (default: data/tasks)")
     parser.add_argument("--num-items", type=int, default=EVAL_SIZE, help=f"items per task (default {EVAL_SIZE})")
     parser.add_argument("--seed", type=int, default=0)
