@@ -74,3 +74,8 @@ def test_the_library_does_not_import_tokcomp_tiny():
     users = sorted(m for m, deps in graph.items() if not m.startswith("tokcomp.tiny") and
                    any(d == "tokcomp.tiny" or d.startswith("tokcomp.tiny.") for d in deps))  # fmt: skip
     assert users == ["tokcomp.cli"], users
+
+
+def test_a_method_on_the_stage_protocol_is_one_small_file():
+    """VisionZip, the protocol's proof: one file of at most 80 lines (docstrings included)."""
+    assert len((ROOT / "methods" / "visionzip.py").read_text().splitlines()) <= 80

@@ -29,11 +29,9 @@ class VisionZip(Method):
     keep raster order and stock position ids; a contextual token takes its centre's. Newlines and a
     kept CLS stay; a pooled video position counts with the pooled score and keys of its patches.
 
-    Where the published code differs this follows the paper: the code counts the CLS token among the
-    dominant ones and feeds it to the LLM (LLaVA-1.5 drops it), and makes a contextual token centre +
-    mean(other members), not the group's mean. Not from either: means are taken in the LLM's embedding
-    space (the selection sees projected tokens), where the code averages encoder features and appends
-    the contextual tokens after the dominant ones with contiguous positions.
+    This follows the paper where the published code differs (it counts CLS among the dominant tokens
+    and feeds it to the LLM; a contextual token is centre + mean(other members)). Means are taken in
+    the LLM's embedding space (the selection sees projected tokens): the code averages encoder features.
     """
 
     name: ClassVar[str] = "visionzip"
