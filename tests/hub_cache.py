@@ -31,7 +31,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import CONFIG_MAPPING, AutoModelForImageTextToText
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from tokcomp.models.presets import CLIP_MEAN, CLIP_STD
+from tokcomp.models.builders import CLIP_MEAN, CLIP_STD
 from tokcomp.models.shapes import CLIP_L_336, LLAMA_7B, QWEN2_05B, SIGLIP_SO400M
 from tokcomp.models.tokenizer import SPECIAL_TOKENS, word_vocabulary
 

@@ -18,20 +18,13 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionImageProcessorPil,
     PreTrainedModel,
-    Qwen2Config,
-    SiglipVisionConfig,
 )
 
 from tokcomp.errors import TokcompError
+from tokcomp.models import builders
 from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
 
 # LLaVA-1.5's conversation format, for both tiny families ("USER: <image>\n... ASSISTANT:").
@@ -45,7 +38,6 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass(frozen=True)
@@ -63,44 +55,19 @@ class Preset:
 
 
 def _build_tiny_llava(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
-    vision = CLIPVisionConfig(**spec["vision"])
-    text = LlamaConfig(vocab_size=vocab_size, **spec["text"])
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-    )
-    size = vision.image_size
-    processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
+    vision = spec["vision"]
+    config, processor = builders.llava(
+        vision, {"vocab_size": vocab_size, **spec["text"]}, projector_hidden_act="gelu",
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+    )  # fmt: skip
     return LlavaForConditionalGeneration(config), processor
 
 
 def _build_tiny_llava_ov(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
-    vision = SiglipVisionConfig(vision_use_head=False, **spec["vision"])
-    text = Qwen2Config(vocab_size=vocab_size, **spec["text"])
-    size = vision.image_size
+    size = spec["vision"]["image_size"]
     pinpoints = [[size * h, size * w] for h, w in spec["grid"]]
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=pinpoints,
-        vision_aspect_ratio="anyres_max_9",
-    )
-    processor = LlavaOnevisionImageProcessorPil(
-        size={"height": size, "width": size},
-        image_grid_pinpoints=pinpoints,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+    config, processor = builders.onevision(
+        spec["vision"], {"vocab_size": vocab_size, **spec["text"]}, pinpoints, vision_aspect_ratio="anyres_max_9"
     )
     return LlavaOnevisionForConditionalGeneration(config), processor
 
@@ -155,14 +122,7 @@ def build_preset(name: str, out_dir: Path) -> None:
     tokenizer = build_word_tokenizer(word_vocabulary(), CHAT_TEMPLATE)
     torch.manual_seed(preset.seed)
     model, image_processor = preset.build(preset.spec, len(tokenizer))
-    image_token = tokenizer.convert_tokens_to_ids("<image>")
-    model.config.image_token_id = image_token
-    if hasattr(model.config, "video_token_id"):
-        model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
-    for cfg in (model.config, model.generation_config):
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.bos_token_id = tokenizer.bos_token_id
+    builders.set_special_tokens(model, tokenizer)
     model.config.tokcomp_preset = name
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

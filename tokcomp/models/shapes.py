@@ -13,19 +13,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionImageProcessorPil,
-    Qwen2Config,
-    SiglipVisionConfig,
 )
 
-from tokcomp.models.presets import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD
+from tokcomp.models import builders
+from tokcomp.models.presets import CHAT_TEMPLATE
 from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
 
 CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -88,31 +81,13 @@ def build_shape(name: str, llm_layers: int | None = None, seed: int = 0, vision_
     if vision_layers is not None:
         vision["num_hidden_layers"] = max(1, min(vision_layers, shape.real_vision_layers))
     torch.manual_seed(seed)
-    size = vision["image_size"]
     if shape.family == "llava":
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
-            vision_feature_layer=-2, vision_feature_select_strategy="default",
-        )  # fmt: skip
+        config, processor = builders.llava(vision, text)
         model = LlavaForConditionalGeneration(config)
-        processor = CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-            image_mean=CLIP_MEAN, image_std=CLIP_STD,
-        )  # fmt: skip
     else:
+        size = vision["image_size"]
         pinpoints = [[size * h, size * w] for h, w in ((1, 1), (1, 2), (2, 1), (2, 2))]
-        config = LlavaOnevisionConfig(
-            vision_config=SiglipVisionConfig(vision_use_head=False, **vision), text_config=Qwen2Config(**text),
-            vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
-        )  # fmt: skip
+        config, processor = builders.onevision(vision, text, pinpoints)
         model = LlavaOnevisionForConditionalGeneration(config)
-        processor = LlavaOnevisionImageProcessorPil(
-            size={"height": size, "width": size}, image_grid_pinpoints=pinpoints,
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        )  # fmt: skip
-    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    if hasattr(model.config, "video_token_id"):
-        model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    builders.set_special_tokens(model, tokenizer, generation_only=True)
     return model.eval(), tokenizer, processor

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    SiglipVisionConfig,
 )
 
 from tokcomp.data.tasks import IMAGE_SIZE, LABEL_PATCH, vocabulary
+from tokcomp.models import builders
 from tokcomp.models.presets import CHAT_TEMPLATE
 from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
 
@@ -63,38 +61,22 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_image_processor(spec: dict) -> LlavaOnevisionImageProcessorPil:
-    size = spec["vision"]["image_size"]
-    return LlavaOnevisionImageProcessorPil(
-        size={"height": size, "width": size},
-        image_grid_pinpoints=spec["pinpoints"],
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    return builders.onevision(spec["vision"], {}, spec["pinpoints"])[1]
 
 
 def build_model(
     spec: dict, tokenizer: PreTrainedTokenizerFast, seed: int = 0
 ) -> LlavaOnevisionForConditionalGeneration:
     """A freshly initialised model with the given sizes and the tokenizer's special token ids."""
-    vision = SiglipVisionConfig(vision_use_head=False, **spec["vision"])
-    text = Qwen2Config(vocab_size=len(tokenizer), **spec["text"])
-    config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        image_grid_pinpoints=spec["pinpoints"],
-        vision_aspect_ratio="anyres_max_9",
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    config, _ = builders.onevision(
+        spec["vision"], {"vocab_size": len(tokenizer), **spec["text"]}, spec["pinpoints"],
+        vision_aspect_ratio="anyres_max_9", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
         tie_word_embeddings=spec["text"].get("tie_word_embeddings", True),
-    )
+    )  # fmt: skip
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
-    for cfg in (model.config, model.generation_config):
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.bos_token_id = tokenizer.bos_token_id
+    builders.set_special_tokens(model, tokenizer)
     model.config.tokcomp_preset = "tokcomp-tiny"
     return model
 

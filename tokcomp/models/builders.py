@@ -1,0 +1,70 @@
+"""The stock configs and image processors of the two families, built in one place.
+
+tokcomp's presets (tiny models from real configs), the real-model shapes (random weights, for bench)
+and tokcomp-tiny all make their ``LlavaConfig`` / ``LlavaOnevisionConfig`` and PIL image processor here,
+so the families' wiring (feature layer, select strategy, AnyRes pinpoints, normalisation) is written once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessorPil,
+    PreTrainedModel,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+
+
+def llava(vision: dict, text: dict, **config: Any) -> tuple[LlavaConfig, CLIPImageProcessorPil]:
+    """LLaVA-1.5: a CLIP tower read at its second-to-last layer without CLS, a Llama LLM."""
+    clip = CLIPVisionConfig(**vision)
+    full = LlavaConfig(
+        vision_config=clip, text_config=LlamaConfig(**text), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", **config,
+    )  # fmt: skip
+    size = clip.image_size
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )  # fmt: skip
+    return full, processor
+
+
+def onevision(
+    vision: dict, text: dict, pinpoints: list[list[int]], **config: Any
+) -> tuple[LlavaOnevisionConfig, LlavaOnevisionImageProcessorPil]:
+    """LLaVA-OneVision: a SigLIP tower (no head) read at its last layer, all tokens, a Qwen2 LLM, AnyRes."""
+    full = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(vision_use_head=False, **vision), text_config=Qwen2Config(**text),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints, **config,
+    )  # fmt: skip
+    size = vision["image_size"]
+    processor = LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size}, image_grid_pinpoints=pinpoints, image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+    )  # fmt: skip
+    return full, processor
+
+
+def set_special_tokens(model: PreTrainedModel, tokenizer, generation_only: bool = False) -> None:
+    """The tokenizer's ``<image>``/``<video>`` ids on the config, and its pad/eos/bos ids where generate
+    reads them (``generation_only``: the generation config alone, as the shapes have it)."""
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if hasattr(model.config, "video_token_id"):
+        model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    targets = [model.generation_config] if generation_only else [model.config, model.generation_config]
+    for cfg in targets:
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+        if not generation_only:
+            cfg.bos_token_id = tokenizer.bos_token_id
