@@ -62,7 +62,7 @@ def test_methods_lists_every_method_and_preset_with_defaults(capsys):
     assert code == 0, err
     listing = json.loads(out)
     assert list(listing["methods"]) == list(METHODS)
-    assert listing["methods"]["dycoke"]["settings"]["K"] == {"type": "float", "default": 0.7}
+    assert listing["methods"]["dycoke"]["settings"]["ttm_ratio"] == {"type": "float", "default": 0.7, "alias": "K"}
     assert "_carry" not in listing["methods"]["dycoke"]["settings"]
     presets = {p.stem for p in (ROOT / "configs").glob("*.yaml")} - {"regress-tolerances"}
     assert set(listing["presets"]) == presets == {p.name for p in preset_catalog()}

@@ -179,10 +179,24 @@ def test_dymu_and_dycoke_compose(llava_ov, bikes):
     assert result.account.visual_positions == ttm_keep_counts(8, 49, 0.7) + 1
     assert result.account.visual_kept <= result.account.visual_positions  # merged tokens share embeddings
     assert "dycoke" in result.account.methods
-    assert build_method("dymu+dycoke", "tiny-llava-ov", 6, sets={"budget": "mid", "dycoke.K": "0.5"}).parts[1].K == 0.5
+    combined = build_method("dymu+dycoke", "tiny-llava-ov", 6, sets={"budget": "mid", "dycoke.K": "0.5"})
+    assert combined.parts[1].ttm_ratio == 0.5
 
 
 def test_dycoke_on_images_alone_is_a_clear_error(llava_ov):
     image = Image.fromarray(np.full((64, 64, 3), 100, dtype=np.uint8))
     with pytest.raises(TokcompError, match="works on video input; this request has only image"):
         Pipeline(llava_ov, _dycoke(llava_ov, P=0)).generate([Request("what ?", [image])], 2)
+
+
+def test_settings_take_their_names_or_the_papers_letters():
+    by_letter = build_method("dycoke", "tiny-llava-ov", 6, sets={"K": "0.5", "L": "2", "P": "0.3"})
+    by_name = build_method("dycoke", "tiny-llava-ov", 6, sets={"ttm_ratio": "0.5", "dp_layer": "2", "dp_ratio": "0.3"})
+    assert by_letter == by_name and (by_name.ttm_ratio, by_name.dp_layer, by_name.dp_ratio) == (0.5, 2, 0.3)
+    fastv = build_method("fastv", "tiny-llava", 4, sets={"K": "1", "R": "0.25"})
+    assert (fastv.layer, fastv.keep) == (1, 0.25)
+    with pytest.raises(TokcompError, match="given twice"):
+        build_method("fastv", "tiny-llava", 4, sets={"K": "1", "layer": "2"})
+    # a letter given on --set overrides the preset's field, alone or in a combination
+    assert build_method("dycoke-evict", "tiny-llava-ov", 6, sets={"L": "1"}).dp_layer == 1
+    assert build_method("dymu-dycoke", "tiny-llava-ov", 6, sets={"dycoke.P": "0.2"}).parts[1].dp_ratio == 0.2

@@ -512,8 +512,9 @@ def methods_command(
     catalog, presets = method_catalog(), preset_catalog()
     if as_json:
         payload = {
-            "methods": {m.name: {"summary": m.summary, "settings": {s.name: {"type": s.kind, "default": s.default}
-                                                                    for s in m.settings}} for m in catalog},
+            "methods": {m.name: {"summary": m.summary, "settings": {
+                s.name: {"type": s.kind, "default": s.default, **({"alias": s.alias} if s.alias else {})}
+                for s in m.settings}} for m in catalog},
             "presets": {p.name: {"method": p.method, "settings": p.settings, "description": p.description}
                         for p in presets},
         }  # fmt: skip
@@ -523,7 +524,8 @@ def methods_command(
     for column in ("method", "what it does", "settings (default)"):
         table.add_column(column)
     for m in catalog:
-        settings = ", ".join(f"{s.name}={s.default!r}" for s in m.settings) or "—"
+        settings = ", ".join(f"{s.name}={s.default!r}" + (f" ({s.alias})" if s.alias else "")
+                             for s in m.settings) or "—"  # fmt: skip
         table.add_row(m.name, m.summary, settings)
     _wide_out().print(table)
     table = Table(title="presets (--method NAME; configs/NAME.yaml)")

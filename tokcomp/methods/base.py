@@ -45,11 +45,13 @@ class Method:
 
     # Whether --calib (a stored DToMe calibration) is for this method.
     uses_calibration: ClassVar[bool] = False
+    # Other names a setting may be given by: the paper's letters (FastV's K for ``layer``, ...).
+    aliases: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def setting_names(cls) -> set[str]:
         """The names ``--set`` and presets may give (the dataclass's fields, unless a method adds more)."""
-        return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")} | set(cls.aliases)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], context: SettingsContext) -> Method:

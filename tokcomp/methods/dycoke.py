@@ -314,9 +314,10 @@ class DyCoke(Method):
 
     name: ClassVar[str] = "dycoke"
     inputs: ClassVar[frozenset[str]] = frozenset({"video"})
-    K: float = 0.7
-    L: int = 3
-    P: float = 0.7
+    aliases: ClassVar[dict[str, str]] = {"K": "ttm_ratio", "L": "dp_layer", "P": "dp_ratio"}
+    ttm_ratio: float = 0.7  # K: the share of each non-anchor frame's tokens TTM merges away
+    dp_layer: int = 3  # L: the first LLM layer whose visual keys DP prunes while decoding
+    dp_ratio: float = 0.7  # P: the share of visual keys DP prunes there
     window: int = 4
     drift: float = 0.9
     mode: str = "gather"
@@ -326,29 +327,29 @@ class DyCoke(Method):
 
     @property
     def supports_beam_search(self) -> bool:
-        return self.P == 0  # DP re-chooses each sequence's cached keys at every step
+        return self.dp_ratio == 0  # DP re-chooses each sequence's cached keys at every step
 
     def check(self, adapter: VLMAdapter) -> None:
-        if not 0 <= self.K < 1 or not 0 <= self.P < 1:
-            raise TokcompError("dycoke: K and P must be in [0, 1)")
+        if not 0 <= self.ttm_ratio < 1 or not 0 <= self.dp_ratio < 1:
+            raise TokcompError("dycoke: ttm_ratio (K) and dp_ratio (P) must be in [0, 1)")
         if self.mode not in ("gather", "evict"):
             raise TokcompError(f"dycoke: mode must be gather or evict, not '{self.mode}'")
         layers = adapter.language_model.config.num_hidden_layers
-        if self.P > 0 and not 1 <= self.L < layers:
-            raise TokcompError(f"dycoke: L must be between 1 and {layers - 1} for this {layers}-layer LLM")
+        if self.dp_ratio > 0 and not 1 <= self.dp_layer < layers:
+            raise TokcompError(f"dycoke: dp_layer (L) must be between 1 and {layers - 1} for this {layers}-layer LLM")
         if self.window < 2 or self.evict_after < 1:
             raise TokcompError("dycoke: window must be >= 2 and evict_after >= 1")
 
     def select(self, adapter: VLMAdapter, kind: str, tokens: UnitTokens) -> UnitTokens:
         # K=0 runs TTM keeping every token; the published loops would still drop an odd last frame
-        if kind != "video" or (self.K == 0 and self.reference):
+        if kind != "video" or (self.ttm_ratio == 0 and self.reference):
             return tokens
-        return apply_ttm(tokens, self.K, self.window, self.reference)
+        return apply_ttm(tokens, self.ttm_ratio, self.window, self.reference)
 
     def attention_hooks(self, visual: torch.Tensor, cache) -> list[AttentionHook]:
         """One DP hook for the batch; it holds every per-request number of this call (rows of ``visual``)."""
         hook = DynamicPruning(
-            layer=self.L, prune=self.P, visual=visual, cache=cache, drift=self.drift, mode=self.mode,
+            layer=self.dp_layer, prune=self.dp_ratio, visual=visual, cache=cache, drift=self.drift, mode=self.mode,
             evict_after=self.evict_after, reference=self.reference,
         )  # fmt: skip
         if self.reference and self._carry is not None:
@@ -363,7 +364,7 @@ class DyCoke(Method):
     def report(self, hooks: list[AttentionHook], sample: int, account) -> dict:
         pruning = [h for h in hooks if isinstance(h, DynamicPruning)]
         out = {"retained_ratio_paper": round(self.retained_ratio(), 4)}
-        if pruning and self.P > 0:  # request ``sample``'s own steps and re-selections
+        if pruning and self.dp_ratio > 0:  # request ``sample``'s own steps and re-selections
             out["dp_steps"] = int(pruning[0].steps[sample])
             out["dp_reselections"] = int(pruning[0].reselections[sample])
         if account.visual_full:
@@ -374,7 +375,7 @@ class DyCoke(Method):
 
     def retained_ratio(self) -> float:
         """The paper's retained ratio: (1 + 3(1-K))/4 · (1-P), for windows of 4."""
-        return (1 + (self.window - 1) * (1 - self.K)) / self.window * (1 - self.P)
+        return (1 + (self.window - 1) * (1 - self.ttm_ratio)) / self.window * (1 - self.dp_ratio)
 
     def settings(self) -> dict:
         data = super().settings()

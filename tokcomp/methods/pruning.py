@@ -353,18 +353,20 @@ class FastVPruning(AttentionHook):
 @register
 @dataclass
 class FastV(Method):
-    """FastV (ECCV 2024): at LLM layer ``K`` drop all but the ``R`` share of visual tokens, ranked by the
-    attention the last token pays them at layer K-1. Layers < K are untouched; positions are kept."""
+    """FastV (ECCV 2024): at LLM layer ``layer`` (the paper's K) drop all but the ``keep`` share (R) of
+    visual tokens, ranked by the attention the last token pays them at the layer before. Layers below
+    are untouched; positions are kept."""
 
     name: ClassVar[str] = "fastv"
-    K: int = 2
-    R: float = 0.5
+    aliases: ClassVar[dict[str, str]] = {"K": "layer", "R": "keep"}
+    layer: int = 2
+    keep: float = 0.5
 
     def check(self, adapter: VLMAdapter) -> None:
-        _check_ratio("fastv", self.R)
+        _check_ratio("fastv", self.keep)
         layers = adapter.language_model.config.num_hidden_layers
-        if not 1 <= self.K < layers:
-            raise TokcompError(f"fastv: K must be between 1 and {layers - 1} for this {layers}-layer LLM")
+        if not 1 <= self.layer < layers:
+            raise TokcompError(f"fastv: layer (K) must be between 1 and {layers - 1} for this {layers}-layer LLM")
 
     def attention_hooks(self, visual, cache):
-        return [FastVPruning(layer=self.K, keep=self.R, visual=visual, num_layers=len(cache.layers))]
+        return [FastVPruning(layer=self.layer, keep=self.keep, visual=visual, num_layers=len(cache.layers))]

@@ -15,7 +15,7 @@ from tokcomp.methods import dycoke, dymu, pruning, visionzip  # noqa: F401  (eac
 from tokcomp.methods.base import Composed, Method
 from tokcomp.methods.calibrations import calibration_name, stored_calibration
 from tokcomp.methods.names import METHOD_NAMES
-from tokcomp.methods.settings import REGISTERED, SettingsContext
+from tokcomp.methods.settings import REGISTERED, SettingsContext, resolve_aliases
 
 
 def _in_catalogue_order() -> dict[str, type[Method]]:
@@ -79,28 +79,30 @@ def build_method(
     preset); a plain ``key`` goes to the one part that has such a setting.
     """
     name, settings = _load_preset(spec)
+    if "+" not in name:  # the paper's letters name the same fields, so --set K=... overrides a preset's ttm_ratio
+        cls = METHODS[name]
+        settings = {**resolve_aliases(cls, settings), **resolve_aliases(cls, sets or {})}
+        return cls.from_settings(settings, SettingsContext(model_name, num_layers, calib))
     settings.update(sets or {})
-    if "+" not in name:
-        return METHODS[name].from_settings(settings, SettingsContext(model_name, num_layers, calib))
     names = name.split("+")
     if len(set(names)) != len(names):
         raise TokcompError(f"method '{name}' names a method twice")
     per_part: dict[str, dict[str, Any]] = {n: {} for n in names}
     for key, value in settings.items():
         if isinstance(value, dict) and key in per_part:
-            per_part[key].update(value)
+            per_part[key].update(resolve_aliases(METHODS[key], value))
             continue
         part, dot, field_name = key.partition(".")
         if dot:
             if part not in per_part:
                 raise TokcompError(f"setting {key}: '{part}' is not part of {name}")
-            per_part[part][field_name] = value
+            per_part[part][METHODS[part].aliases.get(field_name, field_name)] = value
             continue
         owners = [n for n in names if key in METHODS[n].setting_names()]
         if len(owners) != 1:
             where = "none" if not owners else " and ".join(owners)
             raise TokcompError(f"setting {key} matches {where} of {name}: write it as <method>.{key}")
-        per_part[owners[0]][key] = value
+        per_part[owners[0]][METHODS[owners[0]].aliases.get(key, key)] = value
     uses_calib = [n for n in names if METHODS[n].uses_calibration]
     if calib and not uses_calib:
         raise TokcompError(f"--calib is for dymu/dtome; {name} does not use it")
@@ -116,6 +118,7 @@ class Setting:
     name: str
     kind: str
     default: Any
+    alias: str | None = None  # the paper's letter for it, accepted too (``K``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +157,8 @@ def method_catalog() -> list[MethodInfo]:
                 default = f.default_factory()
             else:
                 default = None
-            settings.append(Setting(f.name, _kind_name(hints.get(f.name, f.type)), default))
+            alias = next((letter for letter, field in cls.aliases.items() if field == f.name), None)
+            settings.append(Setting(f.name, _kind_name(hints.get(f.name, f.type)), default, alias))
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).replace("``", "")
         out.append(MethodInfo(name, "the plain model: nothing is compressed" if name == "none" else summary, settings))
     return out

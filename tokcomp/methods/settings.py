@@ -68,8 +68,22 @@ def floats(value: Any, key: str) -> list[float]:
         raise TokcompError(f"setting {key}: expected comma-separated numbers (or inf), got '{value}'") from None
 
 
+def resolve_aliases(cls: type, settings: dict) -> dict:
+    """Settings with the paper's letters (``aliases``: letter -> field, e.g. FastV's ``K`` -> ``layer``)
+    renamed to the fields they stand for; a setting given under both names is an error."""
+    aliases = getattr(cls, "aliases", {})
+    out = {}
+    for key, value in settings.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise TokcompError(f"setting {name} is given twice (as {name} and as {key})")
+        out[name] = value
+    return out
+
+
 def field_settings(cls: type, settings: dict) -> dict:
     """``settings`` checked against the dataclass's fields and typed; an unknown one is a clear error."""
+    settings = resolve_aliases(cls, settings)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(settings) - set(fields))
