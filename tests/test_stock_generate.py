@@ -27,7 +27,12 @@ NEUTRAL = {
     "dymu": {"threshold": "inf"},
     "dtome": {"threshold": "inf"},
 }
-COMPRESSING = ["random-25", "divprune-25", "adaptive-20", "fastv", "tome-mid", "dymu-mid", "dtome-mid"]
+COMPRESSING = ["random-25", "divprune-25", "adaptive-20", "fastv", "tome-mid", "dymu-mid", "dtome-mid", "visionzip"]
+# Per registered method, a compressing setting driven through stock generate in every mode (video for DyCoke).
+BY_METHOD = {"none": ("none", None), "dymu": ("dymu-mid", None), "dtome": ("dtome-mid", None),
+             "tome": ("tome-mid", None), "dycoke": ("dycoke", None), "adaptive": ("adaptive-20", None), "fastv": ("fastv", None),
+             "random": ("random-25", None), "divprune": ("divprune-25", None),
+             "visionzip": ("visionzip", {"dominant": "20", "contextual": "4"})}  # fmt: skip
 
 
 def _method(adapter, spec, sets=None):
@@ -179,22 +184,32 @@ def test_multi_image_requests_follow_the_stock_grouping(llava_ov, photos, groupe
 MODES = {"sample": {"do_sample": True, "top_k": 10, "temperature": 0.7}, "beams": {"num_beams": 2}}
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("spec", [*COMPRESSING, "dymu-dycoke"])
-def test_every_method_runs_under_sampling_and_beams_or_refuses(llava_ov, photos, spec, mode):
-    video = spec == "dymu-dycoke"
+def test_every_registered_method_has_a_stock_generate_row():
+    from tokcomp.methods.registry import METHODS
+
+    assert set(BY_METHOD) == set(METHODS), "add the new method to BY_METHOD"
+
+
+@pytest.mark.parametrize("mode", ["greedy", *sorted(MODES)])
+@pytest.mark.parametrize("spec", [*sorted(BY_METHOD), "dymu-dycoke"])
+def test_every_method_runs_under_greedy_sampling_and_beams_or_refuses(llava_ov, photos, spec, mode):
+    spec, sets = BY_METHOD.get(spec, (spec, None))
+    video = spec in ("dycoke", "dymu-dycoke")
     frames = [photos[k % 6] for k in range(4)]
     inputs = stock_inputs(llava_ov, ["what is it?"], [[] if video else [photos[5]]], videos=[frames] if video else None)
-    method = _method(llava_ov, spec)
+    method = _method(llava_ov, spec, sets)
     with method(llava_ov.model):
         if mode == "beams" and not method.supports_beam_search:
             with pytest.raises(TokcompError, match="beam search is not supported"):
                 _generate(llava_ov.model, inputs, **MODES[mode])
             return
-        out = _generate(llava_ov.model, inputs, **MODES[mode])
+        out = _generate(llava_ov.model, inputs, **MODES.get(mode, {"do_sample": False}))
     assert out.sequences.shape[1] > inputs["input_ids"].shape[1] and len(method.accounts) == 1
-    if spec != "fastv":
-        assert method.accounts[0].visual_kept < method.accounts[0].visual_full
+    (account,) = method.accounts
+    if spec in ("none", "fastv"):  # FastV prunes inside the LLM: its prefill input is whole
+        assert account.visual_kept == account.visual_full
+    else:
+        assert account.visual_kept < account.visual_full
 
 
 def test_the_readme_example_method_runs_under_stock_generate(llava, photos):
