@@ -29,10 +29,18 @@ NEUTRAL = {
 }
 COMPRESSING = ["random-25", "divprune-25", "adaptive-20", "fastv", "tome-mid", "dymu-mid", "dtome-mid", "visionzip"]
 # Per registered method, a compressing setting driven through stock generate in every mode (video for DyCoke).
-BY_METHOD = {"none": ("none", None), "dymu": ("dymu-mid", None), "dtome": ("dtome-mid", None),
-             "tome": ("tome-mid", None), "dycoke": ("dycoke", None), "adaptive": ("adaptive-20", None), "fastv": ("fastv", None),
-             "random": ("random-25", None), "divprune": ("divprune-25", None),
-             "visionzip": ("visionzip", {"dominant": "20", "contextual": "4"})}  # fmt: skip
+BY_METHOD = {
+    "none": ("none", None),
+    "dymu": ("dymu-mid", None),
+    "dtome": ("dtome-mid", None),
+    "tome": ("tome-mid", None),
+    "dycoke": ("dycoke", None),
+    "adaptive": ("adaptive-20", None),
+    "fastv": ("fastv", None),
+    "random": ("random-25", None),
+    "divprune": ("divprune-25", None),
+    "visionzip": ("visionzip", {"dominant": "20", "contextual": "4"}),
+}
 
 
 def _method(adapter, spec, sets=None):
