@@ -16,6 +16,8 @@ import importlib
 
 import pytest
 import torch
+from stock_inputs import stock_inputs
+from test_encoder_trace import eager_trace
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tokcomp.methods import selection as S
@@ -284,18 +286,9 @@ def test_detaching_restores_the_model_exactly(adapter, photos, name):
 
 # --- d: behavioural oracles ------------------------------------------------------------------------
 def _stock_logits(adapter, image, prompt: str) -> torch.Tensor:
-    """The stock HF model's next-token logits, fed the way its own processor would (placeholders expanded)."""
-    units = adapter.prepare_units([image], None)
-    count = adapter.stock_unit_tokens(units)[0].num_positions
-    text = adapter.build_prompt(prompt, 1, False).replace("<image>", "<image>" * count)
-    ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    if adapter.family == "llava":
-        extra = {"pixel_values": units[0].views}
-    else:
-        extra = {"pixel_values": units[0].views[None], "image_sizes": torch.tensor([units[0].image_size]),
-                 "batch_num_images": torch.tensor([1])}  # fmt: skip
+    """The stock HF model's next-token logits, fed what its own processor gives (tests/stock_inputs.py)."""
     with torch.no_grad():
-        out = adapter.model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, **extra)
+        out = adapter.model(**stock_inputs(adapter, [prompt], [[image]]), logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
@@ -538,18 +531,7 @@ def test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_gr
         stock = pipe.visual_tokens([request])[0]
         kept = pipe.select(request, ["image", "image"], stock)
     views = torch.cat([u.views for u in adapter.prepare_units(photos[:2], None)])
-    vision, layer = adapter.vision_model, adapter.feature_layer
-    vision.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = vision(views, output_attentions=True, output_hidden_states=True)
-            block = encoder_layers(vision)[layer - 1]
-            keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[layer - 1]))
-    finally:
-        vision.set_attn_implementation("sdpa")
-    weights = out.attentions[layer - 1].float().mean(dim=1)  # (V, N, N): mean over heads
-    keys = keys.view(*keys.shape[:2], block.self_attn.num_heads, -1).float().mean(dim=2)
-    scores, keys = (weights[:, 0, 1:], keys[:, 1:]) if adapter.has_cls else (weights.mean(dim=1), keys)
+    scores, keys = eager_trace(adapter, views, adapter.feature_layer)
     n = adapter.num_patches
     for v, (before, after) in enumerate(zip(stock, kept, strict=True)):
         top = S.top_k_stable(scores[v], d).tolist()

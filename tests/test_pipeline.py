@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from stock_inputs import stock_inputs
 
 from tokcomp.errors import TokcompError
 from tokcomp.methods.attention import attach_vtu
@@ -19,25 +20,13 @@ PROMPT = "what is the color of the object ?"
 
 
 def _stock_generate(adapter, image, prompt, max_new_tokens):
-    """The plain HF model, fed the way its own processor would (placeholders expanded)."""
-    units = adapter.prepare_units([image], None)
-    count = adapter.stock_unit_tokens(units)[0].num_positions
-    text = adapter.build_prompt(prompt, 1, False).replace("<image>", "<image>" * count)
-    ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    if adapter.family == "llava":
-        extra = {"pixel_values": units[0].views}
-    else:
-        extra = {
-            "pixel_values": units[0].views[None],
-            "image_sizes": torch.tensor([units[0].image_size]),
-            "batch_num_images": torch.tensor([1]),
-        }
+    """The plain HF model, fed what its own processor gives (tests/stock_inputs.py)."""
+    inputs = stock_inputs(adapter, [prompt], [[image]])
     with torch.no_grad():
         out = adapter.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            output_scores=True, return_dict_in_generate=True, **extra,
-        )  # fmt: skip
-    return out.sequences[0, ids.shape[1] :].tolist(), out.scores[0]
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+    return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), out.scores[0]
 
 
 def _method(adapter, name, **sets):
