@@ -83,6 +83,12 @@ class Batch:
     positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
 
 
+def eos_token_ids(generation_config) -> list[int]:
+    """The ids that end a sequence, as a list (generation configs hold one id, a list, or none)."""
+    eos = generation_config.eos_token_id
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
+
 class Assembler:
     """Builds the LLM input of a batch for a loaded VLM and a method."""
 

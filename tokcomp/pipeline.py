@@ -10,7 +10,6 @@ visual tokens before and after, encoder tokens per layer, KV bytes, timings.
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from tokcomp.assemble import Account, Assembler, Batch, Spliced
+from tokcomp.assemble import Account, Assembler, Batch, Spliced, eos_token_ids
 from tokcomp.errors import TokcompError
 from tokcomp.methods.base import Method
 from tokcomp.models.adapters import VLMAdapter
@@ -71,13 +70,6 @@ def nudge_one_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(x, torch.full_like(x, float("inf")))
 
 
-def _cache_argument(lm: torch.nn.Module, cache: DynamicCache) -> dict[str, DynamicCache]:
-    """The KV cache under the keyword this transformers wants (``cache`` from 5.2x, ``past_key_values``
-    before; the old name warns until its removal in 5.40)."""
-    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-    return {name: cache}
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -112,22 +104,22 @@ class Pipeline(Assembler):
         """Per request, per visual unit: the tokens the LLM receives (before any pre-LLM selection)."""
         return self.tokens_of(self.prepare(requests) if units is None else units)
 
+    def prompt_ids(self, request: Request) -> torch.Tensor:
+        """The request's prompt in the chat template, one placeholder per image/video, as token ids."""
+        adapter = self.adapter
+        prompt = adapter.build_prompt(request.prompt, len(request.images), bool(request.video))
+        return adapter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
     def select(
         self, request: Request, kinds: list[str], tokens: list[UnitTokens], record: dict | None = None
     ) -> list[UnitTokens]:
         """The method's pre-LLM selection (TTM, pruning) on one request's units, given its prompt;
         ``record`` receives what the method decided for this request."""
-        adapter = self.adapter
-        prompt = adapter.build_prompt(request.prompt, len(request.images), bool(request.video))
-        ids = adapter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        return self.select_ids(ids, kinds, tokens, record)
+        return self.select_ids(self.prompt_ids(request), kinds, tokens, record)
 
     # --- splice ------------------------------------------------------------------------------
     def splice(self, request: Request, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
-        adapter = self.adapter
-        text = adapter.build_prompt(request.prompt, len(request.images), bool(request.video))
-        ids = adapter.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        return self.splice_ids(ids, units, unit_kinds)
+        return self.splice_ids(self.prompt_ids(request), units, unit_kinds)
 
     # --- prefill / decode --------------------------------------------------------------------
     @torch.no_grad()
@@ -175,13 +167,14 @@ class Pipeline(Assembler):
         _sync(dev)
         t_enc = time.perf_counter()
         records: list[dict] = [{} for _ in requests]  # per request, for this call only
+        ids = [self.prompt_ids(r) for r in requests]
         unit_tokens = [
-            self.select(r, k, u, rec) for r, k, u, rec in zip(requests, kinds, encoded, records, strict=True)
+            self.select_ids(i, k, u, rec) for i, k, u, rec in zip(ids, kinds, encoded, records, strict=True)
         ]
         _sync(dev)
         t_sel = time.perf_counter()
         merge_s = (self.adapter.merging.seconds if self.adapter.merging is not None else 0.0) - merge_before
-        spliced = [self.splice(r, u, k) for r, u, k in zip(requests, unit_tokens, kinds, strict=True)]
+        spliced = [self.splice_ids(i, u, k) for i, u, k in zip(ids, unit_tokens, kinds, strict=True)]
         for s, rec in zip(spliced, records, strict=True):
             s.account.selection = rec
         self._check_length(spliced, max_new_tokens)
@@ -223,8 +216,7 @@ class Pipeline(Assembler):
         return results
 
     def _eos_ids(self) -> list[int]:
-        eos = self.adapter.model.generation_config.eos_token_id
-        return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        return eos_token_ids(self.adapter.model.generation_config)
 
     def _run(self, batch: Batch, use_vtu: bool, max_new_tokens: int, spliced: Sequence[Spliced]) -> _RunResult:
         """Prefill and decoding of one batch: the stock ``generate`` of the model, through the same hooks

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tokcomp.assemble import Account, Assembler, Batch, Spliced
+from tokcomp.assemble import Account, Assembler, Batch, Spliced, eos_token_ids
 from tokcomp.errors import TokcompError
 from tokcomp.methods.attention import LLMRun, use_attention
 from tokcomp.methods.vtu import VTUState
@@ -203,8 +203,7 @@ class StockBridge:
     def _finished_ids(self) -> torch.Tensor:
         """Tokens generate feeds a sequence that has ended (its EOS, then padding)."""
         config = self.adapter.model.generation_config
-        eos = config.eos_token_id
-        ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        ids = eos_token_ids(config)
         if config.pad_token_id is not None:
             ids.append(config.pad_token_id)
         return torch.tensor(ids or [-1], dtype=torch.long)
@@ -240,7 +239,7 @@ class StockBridge:
         config = kwargs.get("generation_config") or self.adapter.model.generation_config
         beams = int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1)
         if beams > 1 and not self.method.supports_beam_search:
-            raise TokcompError(f"method '{_label(self.method)}' keeps per-sequence decode state: beam search "
+            raise TokcompError(f"method '{self.method.label}' keeps per-sequence decode state: beam search "
                                "is not supported (use greedy or sampling)")  # fmt: skip
         returns = int(kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1)
         first = len(self.calls)
@@ -282,10 +281,6 @@ def _in_order(kinds: list[str], images: list, videos: list) -> list:
 def _cache_length(kwargs: dict) -> int:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     return int(cache.get_seq_length()) if cache is not None else 0
-
-
-def _label(method: Method) -> str:
-    return method.label
 
 
 @contextmanager

@@ -298,7 +298,6 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
 
     def prepare_units(self, images, video):
-
         if video:
             raise TokcompError(f"{self.name} is a LLaVA-1.5 model: it takes images, not video")
         if not images:
@@ -307,7 +306,6 @@ class LlavaAdapter(VLMAdapter):
         return [VisualUnit("image", views[i : i + 1]) for i in range(len(images))]
 
     def stock_unit_tokens(self, units):
-
         if not units:
             return []
         pixels = torch.cat([u.views for u in units])
@@ -316,7 +314,6 @@ class LlavaAdapter(VLMAdapter):
         return [self._placed(u, identity_tokens(f, full)) for u, f in zip(units, features, strict=True)]
 
     def merged_unit_tokens(self, unit, views):
-
         (view,) = views
         tokens = tokens_from_copies(view.features[view.source], view.source, view.features, view.layer_counts)
         return self._placed(unit, tokens)
@@ -329,7 +326,6 @@ class LlavaAdapter(VLMAdapter):
         return values[0] if self.drops_cls or not self.has_cls else torch.cat([fill[None], values[0]])
 
     def units_from_inputs(self, rows, inputs):
-
         if inputs.get("pixel_values_videos") is not None:
             raise TokcompError(f"{self.name} is a LLaVA-1.5 model: it takes images, not video")
         pixels = inputs.get("pixel_values")
@@ -357,30 +353,27 @@ class LlavaOnevisionAdapter(VLMAdapter):
         out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         return out["pixel_values"][:, 0].to(self.dtype)  # view 0 is the whole image resized
 
-    def prepare_units(self, images, video):
-        """One image alone gets AnyRes views (base + crops); several images get their base view each."""
+    def _image_unit(self, pixels: torch.Tensor, size, anyres: bool) -> VisualUnit:
+        """One image of the processor's output (its padded views): all its AnyRes views, or the base one."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
+        size = (int(size[0]), int(size[1]))
+        pinpoints = self.model.config.image_grid_pinpoints
+        views = image_size_to_num_patches(size, pinpoints, self.image_size) if anyres else 1
+        return VisualUnit("image", pixels[:views].to(self.dtype), size, anyres)
 
+    def prepare_units(self, images, video):
+        """One image alone gets AnyRes views (base + crops); several images get their base view each."""
         units = []
         if images:
             out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-            pixels, sizes = out["pixel_values"].to(self.dtype), out["image_sizes"]
-            anyres = len(images) == 1
-            for i in range(len(images)):
-                size = (int(sizes[i][0]), int(sizes[i][1]))
-                n = (
-                    image_size_to_num_patches(size, self.model.config.image_grid_pinpoints, self.image_size)
-                    if anyres
-                    else 1
-                )
-                units.append(VisualUnit("image", pixels[i, :n], size, anyres))
+            pixels, sizes = out["pixel_values"], out["image_sizes"]
+            units = [self._image_unit(pixels[i], sizes[i], len(images) == 1) for i in range(len(images))]
         if video:
             units.append(VisualUnit("video", self.encoder_views(video)))
         return units
 
     def stock_unit_tokens(self, units):
-
         full = [self.num_patches] * self.num_layers
         result: dict[int, object] = {}
         images = [(i, u) for i, u in enumerate(units) if u.kind == "image"]
@@ -407,7 +400,6 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return [result[i] for i in range(len(units))]
 
     def merged_unit_tokens(self, unit, views):
-
         feats = torch.cat([v.features for v in views])
         offsets = [0]
         for v in views:
@@ -458,12 +450,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
     def units_from_inputs(self, rows, inputs):
         """Images in order of ``pixel_values``, grouped by ``batch_num_images`` as the stock model groups
         them (without it every image gets its AnyRes crops, as in the stock model); one video per request."""
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-
         pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
         per_row, videos = inputs.get("batch_num_images"), inputs.get("pixel_values_videos")
-        pinpoints = self.model.config.image_grid_pinpoints
         out, cursor, video_cursor = [], 0, 0
         for b, ids in enumerate(rows):
             image_tokens = int((ids == self.image_token_id).sum())
@@ -472,10 +460,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
             while (count is not None and len(images) < count) or (count is None and taken < image_tokens):
                 if pixels is None or cursor >= pixels.shape[0]:
                     raise TokcompError("the input ids hold more image tokens than the pixel_values give images")
-                size = (int(sizes[cursor][0]), int(sizes[cursor][1]))
-                anyres = count is None or count == 1
-                views = image_size_to_num_patches(size, pinpoints, self.image_size) if anyres else 1
-                unit = VisualUnit("image", pixels[cursor, :views].to(self.dtype), size, anyres)
+                unit = self._image_unit(pixels[cursor], sizes[cursor], count is None or count == 1)
                 n = self._image_token_count(unit)
                 images.append((unit, n))
                 taken += n

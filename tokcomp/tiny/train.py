@@ -14,7 +14,8 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,23 @@ class AttentionProbe:
 PROBE = AttentionProbe()
 AttentionInterface.register(PROBE_ATTENTION, PROBE)
 AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def probing(adapter: LlavaOnevisionAdapter, layer: int | None) -> Iterator[None]:
+    """Inside the block the language model's layer ``layer`` runs the probe (None: nothing changes);
+    on exit the probe is off and the model's own attention back."""
+    if layer is None:
+        yield
+        return
+    stock = adapter.language_model.config._attn_implementation
+    PROBE.layer = layer
+    adapter.language_model.set_attn_implementation(PROBE_ATTENTION)
+    try:
+        yield
+    finally:
+        PROBE.layer, PROBE.probs = -1, None
+        adapter.language_model.set_attn_implementation(stock)
 
 
 def unit_evidence(adapter: LlavaOnevisionAdapter, unit, masks: list[np.ndarray]) -> torch.Tensor:
@@ -391,10 +409,7 @@ def train(
         model.load_state_dict(saved["model"])
     adapter = LlavaOnevisionAdapter(model, tokenizer, processor, "tokcomp-tiny")
     words = PatchWords(tokenizer)
-    stock_attention = adapter.language_model.config._attn_implementation
-    if settings.get("evidence_weight", 0.0):
-        PROBE.layer = spec["text"]["num_hidden_layers"] - 1
-        adapter.language_model.set_attn_implementation(PROBE_ATTENTION)
+    evidence_layer = spec["text"]["num_hidden_layers"] - 1 if settings.get("evidence_weight", 0.0) else None
     model.train()
     rotation = task_schedule(TASK_WEIGHTS)
     progress = saved or {
@@ -408,6 +423,10 @@ def train(
 
     def spent() -> tuple[float, float]:
         return base_wall + time.perf_counter() - run_started, base_cpu + time.process_time() - cpu_started
+
+    def this_run(to: str) -> dict:
+        """This run's record for training.json: machine, threads, from where to where, its wall time."""
+        return {**run_record, "to": to, "wall_seconds": round(spent()[0] - base_wall, 1)}
 
     def next_items(task: str, scale: float) -> list[Item]:
         size = max(1, round(BATCH_SIZES[task] * settings["batch_scale"] * scale))
@@ -435,62 +454,58 @@ def train(
 
     def checkpoint_state(optimizer) -> None:
         wall, cpu = spent()
-        record = {**run_record, "to": f"{progress['stage']}:{progress['step']}",
-                  "wall_seconds": round(wall - base_wall, 1)}  # fmt: skip
+        record = this_run(f"{progress['stage']}:{progress['step']}")
         _save_state(state_path, {
             **progress, "settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "wall_seconds": wall, "cpu_seconds": cpu, "runs": [*progress["runs"], record],
         })  # fmt: skip
 
     last_save = time.perf_counter()
-    for name in STAGES[STAGES.index(progress["stage"]) :]:
-        n, params, step_loss = stage_plan[name]
-        optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98))
-        if saved is not None and saved["stage"] == name and progress["step"] > 0:
-            optimizer.load_state_dict(saved["optimizer"])
-        if progress["stage"] != name:
-            progress.update(stage=name, step=0)
-        running: dict[str, list[float]] = {}
-        while progress["step"] < n:
-            step = progress["step"]
-            task = rotation[step % len(rotation)]
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, n, settings["lr"], min(settings["warmup"], n))
-            loss, parts = step_loss(task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
-            optimizer.step()
-            progress["step"] = step = step + 1
-            for key, value in parts.items():
-                running.setdefault(key, []).append(value)
-            if step % log_every == 0 or step == n:
-                means = {k: round(sum(v) / len(v), 4) for k, v in running.items()}
-                wall, cpu = spent()
-                progress["history"].append({"stage": name, "step": step, "seconds": round(wall, 1), "loss": means})
-                log(f"{name} {step}/{n} {wall:.0f}s " + " ".join(f"{k}={v:.3f}" for k, v in means.items()))
-                running = {}
-            if name == "answer" and curve_every and (step % curve_every == 0 or step == n):
-                accuracy = _validation_accuracy(adapter, curve_items, settings["seed"])
-                progress["curve"].append({"step": step, "accuracy": accuracy})
-                log(f"val accuracy at {step}: {accuracy}")
-            stopping = stop_after_minutes and time.perf_counter() - run_started > 60 * stop_after_minutes
-            if save_minutes and (time.perf_counter() - last_save > 60 * save_minutes or stopping) and step < n:
-                checkpoint_state(optimizer)
-                last_save = time.perf_counter()
-            if stopping and step < n:
-                log(f"stopping after {stop_after_minutes} minutes; continue with --resume")
-                PROBE.layer, PROBE.probs = -1, None
-                adapter.language_model.set_attn_implementation(stock_attention)
-                return {"stopped": f"{name}:{step}"}
+    with probing(adapter, evidence_layer):
+        for name in STAGES[STAGES.index(progress["stage"]) :]:
+            n, params, step_loss = stage_plan[name]
+            optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98))
+            if saved is not None and saved["stage"] == name and progress["step"] > 0:
+                optimizer.load_state_dict(saved["optimizer"])
+            if progress["stage"] != name:
+                progress.update(stage=name, step=0)
+            running: dict[str, list[float]] = {}
+            while progress["step"] < n:
+                step = progress["step"]
+                task = rotation[step % len(rotation)]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, n, settings["lr"], min(settings["warmup"], n))
+                loss, parts = step_loss(task)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+                optimizer.step()
+                progress["step"] = step = step + 1
+                for key, value in parts.items():
+                    running.setdefault(key, []).append(value)
+                if step % log_every == 0 or step == n:
+                    means = {k: round(sum(v) / len(v), 4) for k, v in running.items()}
+                    wall, cpu = spent()
+                    progress["history"].append({"stage": name, "step": step, "seconds": round(wall, 1), "loss": means})
+                    log(f"{name} {step}/{n} {wall:.0f}s " + " ".join(f"{k}={v:.3f}" for k, v in means.items()))
+                    running = {}
+                if name == "answer" and curve_every and (step % curve_every == 0 or step == n):
+                    accuracy = _validation_accuracy(adapter, curve_items, settings["seed"])
+                    progress["curve"].append({"step": step, "accuracy": accuracy})
+                    log(f"val accuracy at {step}: {accuracy}")
+                stopping = stop_after_minutes and time.perf_counter() - run_started > 60 * stop_after_minutes
+                if save_minutes and (time.perf_counter() - last_save > 60 * save_minutes or stopping) and step < n:
+                    checkpoint_state(optimizer)
+                    last_save = time.perf_counter()
+                if stopping and step < n:
+                    log(f"stopping after {stop_after_minutes} minutes; continue with --resume")
+                    return {"stopped": f"{name}:{step}"}
     model.eval()
-    PROBE.layer, PROBE.probs = -1, None
-    adapter.language_model.set_attn_implementation(stock_attention)
     wall, cpu = spent()
-    last_run = {**run_record, "to": f"answer:{settings['steps']}", "wall_seconds": round(wall - base_wall, 1)}
+    last_run = this_run(f"answer:{settings['steps']}")
     report = {
         **{k: v for k, v in settings.items() if k != "batch_scale"},
-        "evidence_layer": spec["text"]["num_hidden_layers"] - 1 if settings.get("evidence_weight") else None,
+        "evidence_layer": evidence_layer,
         "batch_sizes": {t: max(1, round(b * settings["batch_scale"])) for t, b in BATCH_SIZES.items()},
         "task_weights": TASK_WEIGHTS,
         "items_seen": cursor,
