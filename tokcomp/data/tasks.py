@@ -249,11 +249,16 @@ def random_objects(rng: random.Random, n: int, avoid: Sequence[tuple[int, int]] 
 
 
 # --- tc_shapes -------------------------------------------------------------------------------
-def make_shapes(rng: random.Random) -> Item:
-    """Colour, shape, count or position of objects in a scene of 1-8 objects."""
+def _up_to(low: int, high: int, difficulty: float) -> int:
+    """The largest count at ``difficulty`` (0: ``low``, 1: ``high``) of a curriculum's range."""
+    return low + round((high - low) * min(max(difficulty, 0.0), 1.0))
+
+
+def make_shapes(rng: random.Random, difficulty: float = 1.0) -> Item:
+    """Colour, shape, count or position of objects in a scene of 1-8 objects (1-2 at difficulty 0)."""
     kind = rng.choice(("color", "shape", "count", "position"))
     while True:
-        objects = random_objects(rng, rng.randint(1, 8))
+        objects = random_objects(rng, rng.randint(1, _up_to(2, 8, difficulty)))
         item = _shapes_question(rng, kind, objects)
         if item is not None:
             item.images = [draw_objects(background(rng), objects)]
@@ -304,7 +309,7 @@ def _shapes_question(rng: random.Random, kind: str, objects: list[Obj]) -> Item 
 
 
 # --- tc_text ---------------------------------------------------------------------------------
-def make_text(rng: random.Random) -> Item:
+def make_text(rng: random.Random, difficulty: float = 1.0) -> Item:
     """A 3-5 letter string in PIL's built-in font, one letter per cell of a row, on a flat or lightly
     textured background."""
     text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(3, 5)))
@@ -328,9 +333,10 @@ def single_object_image(rng: random.Random, shape: str, color: str) -> tuple[Ima
     return draw_objects(background(rng), [obj]), object_labels([obj])
 
 
-def make_multi(rng: random.Random) -> Item:
-    """2-4 images of one object each: which image shows X, do two images match, how many show a shape."""
-    n = rng.randint(2, 4)
+def make_multi(rng: random.Random, difficulty: float = 1.0) -> Item:
+    """2-4 images of one object each (2 at difficulty 0): which image shows X, do two images match, how
+    many show a shape."""
+    n = rng.randint(2, _up_to(2, 4, difficulty))
     kind = rng.choice(("which", "match", "count"))
     pairs = [(s, c) for s in SHAPES for c in COLORS]
     ordinals = list(ORDINALS[:n])
@@ -374,13 +380,15 @@ def make_multi(rng: random.Random) -> Item:
 
 
 # --- tc_motion -------------------------------------------------------------------------------
-def make_motion(rng: random.Random) -> Item:
-    """An 8-16 frame clip: direction of motion, which object appears or disappears, order of events."""
+def make_motion(rng: random.Random, difficulty: float = 1.0) -> Item:
+    """An 8-16 frame clip: direction of motion, which object appears or disappears, order of events (with
+    the fewest objects at difficulty 0)."""
     frames = rng.randint(8, 16)
     kind = rng.choice(("direction", "appear", "disappear", "order"))
     direction = rng.choice(DIRECTIONS)
     lane = _lane(rng, direction) if kind == "direction" else []
-    count = rng.randint(2, 3) if kind != "direction" else rng.randint(1, 3)
+    low = 1 if kind == "direction" else 2
+    count = rng.randint(low, _up_to(low, 3, difficulty))
     objects = random_objects(rng, count, avoid=lane)
     colors = [o.color for o in objects]
     while len(set(colors)) < len(colors):  # colours name the objects here: make them distinct
@@ -434,7 +442,7 @@ def _lane_path(lane: Sequence[tuple[int, int]], frames: int) -> list[tuple[float
     return [(cell_centre(lane[k][0]), cell_centre(lane[k][1])) for k in steps]
 
 
-GENERATORS: dict[str, Callable[[random.Random], Item]] = {
+GENERATORS: dict[str, Callable[[random.Random, float], Item]] = {
     "tc_shapes": make_shapes,
     "tc_text": make_text,
     "tc_multi": make_multi,
@@ -442,11 +450,12 @@ GENERATORS: dict[str, Callable[[random.Random], Item]] = {
 }
 
 
-def make_item(task: str, split: str, index: int, seed: int = 0) -> Item:
-    """Item ``index`` of a task's split (deterministic)."""
+def make_item(task: str, split: str, index: int, seed: int = 0, difficulty: float = 1.0) -> Item:
+    """Item ``index`` of a task's split (deterministic); a ``difficulty`` below 1 (training curricula
+    only) draws fewer objects or images from the same stream."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
-    return GENERATORS[task](item_rng(task, split, seed, index))
+    return GENERATORS[task](item_rng(task, split, seed, index), difficulty)
 
 
 def generate(task: str, split: str, n: int, seed: int = 0, start: int = 0) -> list[Item]:

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tokcomp.data.tasks import LABEL_WORDS, TASKS, Item, make_item
+from tokcomp.data.tasks import COLORS, LABEL_WORDS, ORDINALS, SHAPES, TASKS, Item, make_item
 from tokcomp.models.adapters import LlavaOnevisionAdapter
 from tokcomp.models.visual import identity_tokens
 from tokcomp.pipeline import Pipeline, Request
@@ -158,18 +158,20 @@ def request_of(item: Item) -> Request:
 
 
 PROBE_ATTENTION = "tokcomp_tiny_probe"
+# Question words that name what to look up (the first hop of a lookup: the answer position gathers them).
+KEY_WORDS = frozenset([*COLORS, *SHAPES, *ORDINALS, "appears", "disappears"])
 
 
 class AttentionProbe:
-    """The language model's attention for training: stock sdpa everywhere, except one layer computed
-    explicitly so that its attention weights can be supervised (the same math as sdpa)."""
+    """The language model's attention for training: stock sdpa everywhere, except chosen layers computed
+    explicitly so that their attention weights can be supervised (the same math as sdpa)."""
 
     def __init__(self) -> None:
-        self.layer = -1
-        self.probs: torch.Tensor | None = None
+        self.layers: frozenset[int] = frozenset()
+        self.probs: dict[int, torch.Tensor] = {}
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if module.layer_idx != self.layer:
+        if module.layer_idx not in self.layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                           **kwargs)  # fmt: skip
         groups = query.shape[1] // key.shape[1]
@@ -183,9 +185,14 @@ class AttentionProbe:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask
-        self.probs = scores.float().softmax(-1)
-        out = self.probs.to(value.dtype) @ value
+        probs = scores.float().softmax(-1)
+        self.probs[module.layer_idx] = probs
+        out = probs.to(value.dtype) @ value
         return out.transpose(1, 2).contiguous(), None
+
+    @property
+    def on(self) -> bool:
+        return bool(self.layers)
 
 
 PROBE = AttentionProbe()
@@ -194,19 +201,19 @@ AttentionMaskInterface.register(PROBE_ATTENTION, sdpa_mask)
 
 
 @contextmanager
-def probing(adapter: LlavaOnevisionAdapter, layer: int | None) -> Iterator[None]:
-    """Inside the block the language model's layer ``layer`` runs the probe (None: nothing changes);
-    on exit the probe is off and the model's own attention back."""
-    if layer is None:
+def probing(adapter: LlavaOnevisionAdapter, layers: Sequence[int]) -> Iterator[None]:
+    """Inside the block the language model's ``layers`` run the probe (none: nothing changes); on exit
+    the probe is off and the model's own attention back."""
+    if not layers:
         yield
         return
     stock = adapter.language_model.config._attn_implementation
-    PROBE.layer = layer
+    PROBE.layers, PROBE.probs = frozenset(layers), {}
     adapter.language_model.set_attn_implementation(PROBE_ATTENTION)
     try:
         yield
     finally:
-        PROBE.layer, PROBE.probs = -1, None
+        PROBE.layers, PROBE.probs = frozenset(), {}
         adapter.language_model.set_attn_implementation(stock)
 
 
@@ -242,13 +249,47 @@ def item_evidence(adapter, item: Item, units: list, visual: torch.Tensor) -> lis
     return steps
 
 
+def key_positions(adapter, ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """(L,) bool: the spliced prompt's question words that name what to look up (``KEY_WORDS`` after
+    the last picture; the pictures' own names in a multi-image prompt are not the question)."""
+    placeholders = torch.tensor([t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None])
+    text_ids = ids[~torch.isin(ids, placeholders)]
+    words = adapter.tokenizer.convert_ids_to_tokens(text_ids.tolist())
+    text_positions = (~visual).nonzero().flatten()
+    last_picture = int(visual.nonzero().max()) if visual.any() else -1
+    keys = torch.zeros_like(visual)
+    for position, word in zip(text_positions.tolist(), words, strict=True):
+        if position > last_picture and word in KEY_WORDS:
+            keys[position] = True
+    return keys
+
+
+def _attention_loss(probs: torch.Tensor, targets: list[list[tuple[int, torch.Tensor]]]) -> torch.Tensor:
+    """Minus the log of the attention mass each (query row, key mask) pays to its keys, averaged over the
+    first half of the heads (the others stay free), then over the pairs (zero without pairs)."""
+    heads = max(1, probs.shape[1] // 2)
+    attention = probs[:, :heads].mean(dim=1)  # (B, L, L)
+    terms = [
+        -torch.log(attention[b, row, : where.shape[0]][where].sum() + 1e-6)
+        for b, pairs in enumerate(targets)
+        for row, where in pairs
+        if where.any()
+    ]
+    return torch.stack(terms).mean() if terms else probs.new_zeros(())
+
+
 def batch_loss(
-    adapter: LlavaOnevisionAdapter, items: Sequence[Item], words: PatchWords | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of the answer tokens (and EOS) given the pictures and the prompt, the
-    per-patch word loss (zero without ``words``), and the evidence loss: minus the log of the
-    attention mass that each answer step pays, in the probed layer (averaged over the first half of
-    its heads, the others left free), to the tokens holding its evidence (zero unless the probe is on)."""
+    adapter: LlavaOnevisionAdapter,
+    items: Sequence[Item],
+    words: PatchWords | None = None,
+    evidence_layer: int | None = None,
+    query_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the answer tokens (and EOS) given the pictures and the prompt, and three
+    training-only terms (zero where off): the per-patch word loss (``words``); the evidence loss, the
+    attention each answer step pays in ``evidence_layer`` to the tokens holding its evidence; and the
+    query loss, the attention the first answer step pays in ``query_layer`` to the question's key words
+    (the two hops of a lookup: gather what is asked, then find it). The probe must be on those layers."""
     pipe = Pipeline(adapter)
     tok = adapter.tokenizer
     requests = [request_of(it) for it in items]
@@ -260,20 +301,25 @@ def batch_loss(
         if words is not None
         else projected.new_zeros(())
     )
-    seqs, targets, evidence = [], [], []
+    seqs, targets, evidence, queries = [], [], [], []
     for item, req, unit_list, feats in zip(items, requests, units, features, strict=True):
         tokens = [identity_tokens(f, []) for f in feats]
-        spliced = pipe.splice(req, tokens, [u.kind for u in unit_list])
+        ids = pipe.prompt_ids(req)
+        spliced = pipe.splice_ids(ids, tokens, [u.kind for u in unit_list])
         answer = [*tok(item.target, add_special_tokens=False).input_ids, tok.eos_token_id]
         answer_ids = torch.tensor(answer)
+        start = spliced.embeds.shape[0]
         seqs.append(torch.cat([spliced.embeds, adapter.embed_tokens(answer_ids)]))
-        targets.append((spliced.embeds.shape[0], answer_ids))
-        if PROBE.layer >= 0 and item.evidence:
+        targets.append((start, answer_ids))
+        steps = []
+        if evidence_layer is not None and item.evidence:
             if len(item.evidence) != len(answer):
                 raise ValueError(f"{item.task}: {len(item.evidence)} evidence steps for {len(answer)} answer tokens")
-            evidence.append(item_evidence(adapter, item, unit_list, spliced.visual_unique))
-        else:
-            evidence.append([])
+            masks = item_evidence(adapter, item, unit_list, spliced.visual_unique)
+            steps = [(start - 1 + k, where) for k, where in enumerate(masks)]
+        evidence.append(steps)
+        keys = key_positions(adapter, ids, spliced.visual_unique) if query_layer is not None else None
+        queries.append([(start - 1, keys)] if keys is not None else [])
     length = max(s.shape[0] for s in seqs)
     embeds = torch.zeros(len(seqs), length, seqs[0].shape[-1])
     mask = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -286,17 +332,10 @@ def batch_loss(
     cols = torch.cat([torch.arange(len(ids)) + start - 1 for start, ids in targets])
     logits = adapter.lm_head(hidden[rows, cols])
     answer_loss = F.cross_entropy(logits.float(), torch.cat([ids for _, ids in targets]))
-    evidence_terms = []
-    if PROBE.layer >= 0 and PROBE.probs is not None:
-        heads = max(1, PROBE.probs.shape[1] // 2)  # the first half of the heads look; the others stay free
-        attention = PROBE.probs[:, :heads].mean(dim=1)  # (B, L, L)
-        for b, ((start, _), steps) in enumerate(zip(targets, evidence, strict=True)):
-            for k, where in enumerate(steps):
-                if where.any():
-                    mass = attention[b, start - 1 + k, : where.shape[0]][where].sum()
-                    evidence_terms.append(-torch.log(mass + 1e-6))
-    evidence_loss = torch.stack(evidence_terms).mean() if evidence_terms else answer_loss.new_zeros(())
-    return answer_loss, patch_loss, evidence_loss
+    zero = answer_loss.new_zeros(())
+    evidence_loss = _attention_loss(PROBE.probs[evidence_layer], evidence) if evidence_layer is not None else zero
+    query_loss = _attention_loss(PROBE.probs[query_layer], queries) if query_layer is not None else zero
+    return answer_loss, patch_loss, evidence_loss, query_loss
 
 
 def encoder_loss(adapter: LlavaOnevisionAdapter, items: Sequence[Item], words: PatchWords) -> torch.Tensor:
@@ -316,6 +355,8 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 
 
 STATE_FILE = "state.pt"
+# Settings a resumed run may change (the loss weights and the length of the answer stage).
+RESUME_OVERRIDES = ("steps", "evidence_weight", "query_weight", "query_layer", "patch_weight", "curriculum_steps")
 STAGES = ("encoder", "answer")
 
 
@@ -338,9 +379,9 @@ def _validation_accuracy(adapter, items_per_task: int, seed: int) -> dict[str, f
     from tokcomp.data.tasks import generate
     from tokcomp.tiny.evaluate import answer_items, score
 
-    was_training, probed = adapter.model.training, PROBE.layer
+    was_training, probed = adapter.model.training, PROBE.layers
     adapter.model.eval()
-    PROBE.layer = -1  # every layer on sdpa while answering
+    PROBE.layers = frozenset()  # every layer on sdpa while answering
     out = {}
     try:
         with torch.no_grad():
@@ -349,7 +390,7 @@ def _validation_accuracy(adapter, items_per_task: int, seed: int) -> dict[str, f
                 out[task] = score(items, answer_items(adapter, items))["accuracy"]
     finally:
         adapter.model.train(was_training)
-        PROBE.layer = probed
+        PROBE.layers = probed
     return out
 
 
@@ -364,6 +405,9 @@ def train(
     encoder_steps: int = 600,
     patch_weight: float = 0.5,
     evidence_weight: float = 0.0,
+    query_weight: float = 0.0,
+    query_layer: int = 1,
+    curriculum_steps: int = 0,
     eval_items: int = 200,
     log_every: int = 20,
     threads: int = 2,
@@ -372,6 +416,7 @@ def train(
     curve_items: int = 40,
     resume: bool = False,
     stop_after_minutes: float = 0.0,
+    overrides: dict | None = None,
     log=print,
 ) -> dict:
     """Train, evaluate on ``eval_items`` per task (0: skip) and save the checkpoint with training.json.
@@ -379,10 +424,14 @@ def train(
     First ``encoder_steps`` steps teach the encoder alone from per-patch labels; then the whole model
     learns to answer, with the per-patch loss kept at ``patch_weight`` and the evidence loss (the last
     layer's attention from each answer step onto the tokens that hold its answer) at
-    ``evidence_weight``. Every ``save_minutes`` the whole
+    ``evidence_weight``, and the query loss (layer ``query_layer``'s attention from the first answer
+    step onto the question's key words) at ``query_weight``. With ``curriculum_steps`` the scenes grow
+    from the fewest objects to full difficulty over that many answer steps (counted from where the
+    curriculum was switched on). Every ``save_minutes`` the whole
     state (weights, optimizer, data cursor, history, time spent) goes to ``<out>.train/state.pt``;
-    ``resume`` continues from it with the settings it was started with. ``stop_after_minutes`` ends
-    this run early (state saved, no checkpoint) so that a long training can span several runs.
+    ``resume`` continues from it with the settings it was started with, except ``overrides`` (any of
+    ``RESUME_OVERRIDES``), which the run's record keeps. ``stop_after_minutes`` ends this run early
+    (state saved, no checkpoint) so that a long training can span several runs.
     """
     from tokcomp.tiny.evaluate import evaluate_tasks
 
@@ -391,15 +440,28 @@ def train(
     settings = {
         "seed": seed, "steps": steps, "lr": lr, "warmup": warmup, "spec": spec or TINY_SPEC,
         "batch_scale": batch_scale, "encoder_steps": encoder_steps, "patch_weight": patch_weight,
-        "evidence_weight": evidence_weight,
+        "evidence_weight": evidence_weight, "query_weight": query_weight, "query_layer": query_layer,
+        "curriculum_steps": curriculum_steps, "curriculum_from": 0,
     }  # fmt: skip
     saved = None
     if resume:
         if not state_path.exists():
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
         saved = torch.load(state_path, weights_only=False)
-        settings = saved["settings"]
+        settings = {"query_weight": 0.0, "query_layer": 1, "curriculum_steps": 0, "curriculum_from": 0,
+                    **saved["settings"]}  # fmt: skip
         log(f"resuming {saved['stage']} step {saved['step']} from {state_path}")
+    changed = {k: v for k, v in (overrides or {}).items() if v is not None and settings.get(k) != v}
+    if changed and not resume:
+        raise ValueError("overrides apply to a resumed run only")
+    unknown = sorted(set(changed) - set(RESUME_OVERRIDES))
+    if unknown:
+        raise ValueError(f"cannot change {', '.join(unknown)} on resume (only {', '.join(RESUME_OVERRIDES)})")
+    settings = {**settings, **changed}
+    if "curriculum_steps" in changed:  # a curriculum switched on mid-run starts where the run resumes
+        settings["curriculum_from"] = saved["step"] if saved["stage"] == "answer" else 0
+    if changed:
+        log(f"changed on resume: {changed}")
     seed_everything(settings["seed"])
     spec = settings["spec"]
     tokenizer = build_tokenizer()
@@ -410,6 +472,7 @@ def train(
     adapter = LlavaOnevisionAdapter(model, tokenizer, processor, "tokcomp-tiny")
     words = PatchWords(tokenizer)
     evidence_layer = spec["text"]["num_hidden_layers"] - 1 if settings.get("evidence_weight", 0.0) else None
+    query_layer = settings["query_layer"] if settings["query_weight"] else None
     model.train()
     rotation = task_schedule(TASK_WEIGHTS)
     progress = saved or {
@@ -420,6 +483,8 @@ def train(
     run_started, cpu_started = time.perf_counter(), time.process_time()
     base_wall, base_cpu = progress["wall_seconds"], progress["cpu_seconds"]
     run_record = {"machine": _machine(), "threads": threads, "from": f"{progress['stage']}:{progress['step']}"}
+    if changed:
+        run_record["changed"] = changed
 
     def spent() -> tuple[float, float]:
         return base_wall + time.perf_counter() - run_started, base_cpu + time.process_time() - cpu_started
@@ -428,9 +493,15 @@ def train(
         """This run's record for training.json: machine, threads, from where to where, its wall time."""
         return {**run_record, "to": to, "wall_seconds": round(spent()[0] - base_wall, 1)}
 
+    def difficulty() -> float:
+        if progress["stage"] != "answer" or not settings["curriculum_steps"]:
+            return 1.0
+        return min(1.0, max(0.0, (progress["step"] - settings["curriculum_from"]) / settings["curriculum_steps"]))
+
     def next_items(task: str, scale: float) -> list[Item]:
         size = max(1, round(BATCH_SIZES[task] * settings["batch_scale"] * scale))
-        items = [make_item(task, "train", cursor[task] + i, settings["seed"]) for i in range(size)]
+        level = difficulty()
+        items = [make_item(task, "train", cursor[task] + i, settings["seed"], level) for i in range(size)]
         cursor[task] += size
         return items
 
@@ -440,9 +511,12 @@ def train(
 
     def answer_step(task: str):
         weight, evidence_weight = settings["patch_weight"], settings.get("evidence_weight", 0.0)
-        answer, patch, evidence = batch_loss(adapter, next_items(task, 1.0), words if weight else None)
-        loss = answer + weight * patch + evidence_weight * evidence
-        return loss, {task: answer.item(), "patch": patch.item(), f"evidence/{task}": evidence.item()}
+        items = next_items(task, 1.0)
+        answer, patch, evidence, query = batch_loss(adapter, items, words if weight else None, evidence_layer,
+                                                    query_layer)  # fmt: skip
+        loss = answer + weight * patch + evidence_weight * evidence + settings["query_weight"] * query
+        parts = {task: answer.item(), "patch": patch.item(), f"evidence/{task}": evidence.item()}
+        return loss, {**parts, **({f"query/{task}": query.item()} if query_layer is not None else {})}
 
     seeing = torch.nn.ModuleList(
         [model.model.vision_tower, model.model.multi_modal_projector, model.get_input_embeddings()]
@@ -461,7 +535,7 @@ def train(
         })  # fmt: skip
 
     last_save = time.perf_counter()
-    with probing(adapter, evidence_layer):
+    with probing(adapter, [layer for layer in (evidence_layer, query_layer) if layer is not None]):
         for name in STAGES[STAGES.index(progress["stage"]) :]:
             n, params, step_loss = stage_plan[name]
             optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98))
@@ -487,7 +561,8 @@ def train(
                     means = {k: round(sum(v) / len(v), 4) for k, v in running.items()}
                     wall, cpu = spent()
                     progress["history"].append({"stage": name, "step": step, "seconds": round(wall, 1), "loss": means})
-                    log(f"{name} {step}/{n} {wall:.0f}s " + " ".join(f"{k}={v:.3f}" for k, v in means.items()))
+                    losses = " ".join(f"{k}={v:.3f}" for k, v in means.items())
+                    log(f"{name} {step}/{n} {wall:.0f}s difficulty={difficulty():.2f} {losses}")
                     running = {}
                 if name == "answer" and curve_every and (step % curve_every == 0 or step == n):
                     accuracy = _validation_accuracy(adapter, curve_items, settings["seed"])
@@ -506,6 +581,7 @@ def train(
     report = {
         **{k: v for k, v in settings.items() if k != "batch_scale"},
         "evidence_layer": evidence_layer,
+        "query_layer": query_layer,
         "batch_sizes": {t: max(1, round(b * settings["batch_scale"])) for t, b in BATCH_SIZES.items()},
         "task_weights": TASK_WEIGHTS,
         "items_seen": cursor,
@@ -538,17 +614,40 @@ def _machine() -> str:
     return machine_description()
 
 
+DEFAULTS = {
+    "steps": 5000, "patch_weight": 0.5, "evidence_weight": 0.0, "query_weight": 0.0, "query_layer": 1,
+    "curriculum_steps": 0,
+}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokcomp train-tiny", description="Train tokcomp-tiny on CPU (resumable).")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder (default: checkpoints/tokcomp-tiny)")
-    parser.add_argument("--steps", type=int, default=5000, help="answer-stage optimizer steps (default 5000)")
+    parser.add_argument("--steps", type=int, help=f"answer-stage optimizer steps (default {DEFAULTS['steps']})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--encoder-steps", type=int, default=600, help="encoder-only steps on per-patch words first")
-    parser.add_argument("--patch-weight", type=float, default=0.5, help="weight of the per-patch loss afterwards")
-    parser.add_argument("--evidence-weight", type=float, default=0.0,
-                        help="weight of the evidence loss on the last layer's attention (default 0: off)")  # fmt: skip
+    parser.add_argument(
+        "--patch-weight",
+        type=float,
+        help=f"weight of the per-patch loss afterwards (default {DEFAULTS['patch_weight']})",
+    )
+    parser.add_argument(
+        "--evidence-weight",
+        type=float,
+        help="weight of the evidence loss on the last layer's attention (default 0: off)",
+    )
+    parser.add_argument(
+        "--query-weight",
+        type=float,
+        help="weight of the query loss: the first answer step's attention onto the question's "
+        "key words in --query-layer (default 0: off)",
+    )
+    parser.add_argument("--query-layer", type=int, help=f"layer of the query loss (default {DEFAULTS['query_layer']})")
+    parser.add_argument("--curriculum-steps", type=int,
+                        help="grow the scenes from the fewest objects to full difficulty over N answer steps "
+                             "(default 0: full difficulty throughout)")  # fmt: skip
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every task's batch size")
     parser.add_argument("--eval-items", type=int, default=200, help="eval items per task after training (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -556,21 +655,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-minutes", type=float, default=5.0, help="save the resumable state every N minutes")
     parser.add_argument("--curve-every", type=int, default=1000, help="validation accuracy every N steps (0: never)")
     parser.add_argument("--curve-items", type=int, default=40, help="validation items per task for the curve")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>.train/state.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>.train/state.pt with its settings; --steps and the loss weights "
+        "given with it change them from here on (recorded)",
+    )
     parser.add_argument("--stop-after-minutes", type=float, default=0.0, help="save the state and stop after N minutes")
     parser.add_argument("--test-config", action="store_true", help="a very small model (for smoke tests)")
     args = parser.parse_args(argv)
+    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+    chosen = {**DEFAULTS, **given}
     try:
         train(
-            args.out, args.steps, seed=args.seed, lr=args.lr, warmup=args.warmup,
+            args.out, chosen["steps"], seed=args.seed, lr=args.lr, warmup=args.warmup,
             spec=TEST_SPEC if args.test_config else TINY_SPEC, batch_scale=args.batch_scale,
-            encoder_steps=args.encoder_steps, patch_weight=args.patch_weight, evidence_weight=args.evidence_weight,
-            eval_items=args.eval_items, log_every=args.log_every, threads=args.threads,
-            save_minutes=args.save_minutes, curve_every=args.curve_every, curve_items=args.curve_items,
-            resume=args.resume, stop_after_minutes=args.stop_after_minutes,
-            log=lambda m: print(m, flush=True),
+            encoder_steps=args.encoder_steps, patch_weight=chosen["patch_weight"],
+            evidence_weight=chosen["evidence_weight"], query_weight=chosen["query_weight"],
+            query_layer=chosen["query_layer"], curriculum_steps=chosen["curriculum_steps"],
+            eval_items=args.eval_items, log_every=args.log_every,
+            threads=args.threads, save_minutes=args.save_minutes, curve_every=args.curve_every,
+            curve_items=args.curve_items, resume=args.resume, stop_after_minutes=args.stop_after_minutes,
+            overrides=given if args.resume else None, log=lambda m: print(m, flush=True),
         )  # fmt: skip
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
