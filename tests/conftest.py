@@ -37,6 +37,13 @@ def llava_ov():
     return load_vlm("tiny-llava-ov")
 
 
+@pytest.fixture(scope="session")
+def qwen():
+    from tokcomp.models.loading import load_vlm
+
+    return load_vlm("tiny-qwen2.5-vl")
+
+
 @pytest.fixture(scope="session", params=["tiny-llava", "tiny-llava-ov"])
 def adapter(request, llava, llava_ov):
     return {"tiny-llava": llava, "tiny-llava-ov": llava_ov}[request.param]

@@ -5,7 +5,10 @@ video processor, which needs torchvision (not installable beside the CPU torch, 
 so for OneVision the same outputs are built here the way that processor builds them: the chat
 template, each ``<image>`` expanded to the image's token count (AnyRes for a lone image, the base
 view plus a newline for each of several), ``<video>`` to frames x pooled tokens + 1, the image
-processor's ``pixel_values`` / ``image_sizes``, and ``batch_num_images``.
+processor's ``pixel_values`` / ``image_sizes``, and ``batch_num_images``. The same holds for
+``Qwen2_5_VLProcessor``: placeholders expanded to t*h*w/4 tokens, ``pixel_values`` rows with
+``image_grid_thw``, the video's temporal patches with ``video_grid_thw`` and ``second_per_grid_ts``, and
+``mm_token_type_ids`` (1 on image tokens, 2 on video tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def stock_inputs(adapter, prompts: list[str], images: list[list], videos: list |
         texts = [adapter.build_prompt(p, len(ims), False) for p, ims in zip(prompts, images, strict=True)]
         flat = [im for ims in images for im in ims]
         return dict(processor(images=flat or None, text=texts, return_tensors="pt", padding=True))
+    if adapter.family == "qwen2_5_vl":
+        return _qwen_inputs(adapter, prompts, images, videos)
     texts, pixels, sizes, clips = [], [], [], []
     for prompt, ims, video in zip(prompts, images, videos, strict=True):
         text = adapter.build_prompt(prompt, len(ims), video is not None)
@@ -55,6 +60,34 @@ def stock_inputs(adapter, prompts: list[str], images: list[list], videos: list |
         )  # fmt: skip
     if clips:
         encoded["pixel_values_videos"] = torch.stack(clips)
+    return encoded
+
+
+def _qwen_inputs(adapter, prompts: list[str], images: list[list], videos: list) -> dict:
+    tok = adapter.tokenizer
+    texts, rows, grids, video_rows, video_grids, seconds = [], [], [], [], [], []
+    for prompt, ims, video in zip(prompts, images, videos, strict=True):
+        text = adapter.build_prompt(prompt, len(ims), video is not None)
+        for unit in adapter.prepare_units(list(ims), list(video) if video is not None else None):
+            count = adapter._tokens_of(unit.grid_thw)
+            if unit.kind == "image":
+                text = text.replace("<image>", "\x00" * count, 1)
+                rows.append(unit.views)
+                grids.append(unit.grid_thw)
+            else:
+                text = text.replace("<video>", "\x01" * count, 1)
+                video_rows.append(unit.views)
+                video_grids.append(unit.grid_thw)
+                seconds.append(unit.seconds_per_grid)
+        texts.append(text.replace("\x00", "<image>").replace("\x01", "<video>"))
+    encoded = dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    ids = encoded["input_ids"]
+    encoded["mm_token_type_ids"] = (ids == adapter.image_token_id).int() + 2 * (ids == adapter.video_token_id).int()
+    if rows:
+        encoded.update(pixel_values=torch.cat(rows), image_grid_thw=torch.tensor(grids))
+    if video_rows:
+        encoded.update(pixel_values_videos=torch.cat(video_rows), video_grid_thw=torch.tensor(video_grids),
+                       second_per_grid_ts=torch.tensor(seconds))  # fmt: skip
     return encoded
 
 

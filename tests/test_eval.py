@@ -56,10 +56,11 @@ def test_a_method_lowers_the_tokens_and_its_settings_are_recorded(suites_dir, tm
     assert all(s["visual_tokens"]["kept"] < s["visual_tokens"]["full"] for s in samples)
 
 
-def test_textvqa_val_runs_unchanged_on_local_files(tmp_path):
+@pytest.mark.parametrize("model", ["tokcomp-tiny", "tiny-qwen2.5-vl"])
+def test_textvqa_val_runs_unchanged_on_local_files(tmp_path, model):
     data = write_textvqa(tmp_path / "textvqa_val.parquet")
     run = tmp_path / "run"
-    request = EvalRequest(["textvqa_val"], "tokcomp-tiny", data_files=data, progress=False)
+    request = EvalRequest(["textvqa_val"], model, data_files=data, progress=False)
     run_eval(request, run, log=lambda m: None)
     results, samples = _read(run)
     entry = results["tasks"]["textvqa_val"]
@@ -67,8 +68,10 @@ def test_textvqa_val_runs_unchanged_on_local_files(tmp_path):
     assert sorted(s["doc_id"] for s in samples) == [0, 1, 2] and all(0.0 <= s["score"] <= 1.0 for s in samples)
 
 
-@pytest.mark.parametrize("task", ["mvbench", "videomme"])
-def test_stock_video_tasks_run_offline_on_local_files(task, tmp_path):
+@pytest.mark.parametrize(
+    ("task", "model"), [("mvbench", "tokcomp-tiny"), ("videomme", "tokcomp-tiny"), ("mvbench", "tiny-qwen2.5-vl")]
+)
+def test_stock_video_tasks_run_offline_on_local_files(task, model, tmp_path):
     hf_home = tmp_path / "hf"
     if task == "mvbench":
         data = write_mvbench(tmp_path / "mvbench", hf_home)
@@ -76,7 +79,7 @@ def test_stock_video_tasks_run_offline_on_local_files(task, tmp_path):
         data = write_videomme(tmp_path / "videomme.parquet", hf_home)
     run = tmp_path / "run"
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "tokcomp.cli", "eval", "--task", task, "--model", "tokcomp-tiny",
+    command = [sys.executable, "-m", "tokcomp.cli", "eval", "--task", task, "--model", model,
                "--data-files", str(data), "--frames", "8", "--out", str(run)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -12,9 +12,20 @@ from tokcomp.models.presets import PRESETS, preset_path
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_meets_its_contract(name, llava, llava_ov):
-    adapter = {"tiny-llava": llava, "tiny-llava-ov": llava_ov}[name]
-    assert adapter.num_patches >= 100 and adapter.num_layers >= 4
+def test_preset_meets_its_contract(name, llava, llava_ov, qwen):
+    adapter = {"tiny-llava": llava, "tiny-llava-ov": llava_ov, "tiny-qwen2.5-vl": qwen}[name]
+    assert adapter.num_layers >= 4
+    if name == "tiny-qwen2.5-vl":
+        assert adapter.family == "qwen2_5_vl" and adapter.uses_mrope and not adapter.has_cls
+        assert type(adapter.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+        config = adapter.model.config
+        assert config.vision_config.fullatt_block_indexes and config.vision_config.spatial_merge_size == 2
+        assert sum(config.text_config.rope_parameters["mrope_section"]) * 2 == (
+            config.text_config.hidden_size // config.text_config.num_attention_heads
+        )
+        assert adapter.tokenizer.convert_ids_to_tokens(adapter.tokenizer("<|im_start|>").input_ids) == ["<|im_start|>"]
+        return
+    assert adapter.num_patches >= 100
     assert adapter.family == ("llava" if name == "tiny-llava" else "llava_onevision")
     if name == "tiny-llava":
         assert adapter.has_cls and adapter.drops_cls and adapter.feature_layer == adapter.num_layers - 1

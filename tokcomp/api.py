@@ -37,7 +37,8 @@ class MethodHandle:
     def resolve(self, target: Any) -> Method:
         """The method instance for this model (``target``: a stock model or a tokcomp adapter)."""
         from tokcomp.methods.registry import build_method, calibration_name
-        from tokcomp.models.adapters import VLMAdapter, adapter_for_model
+        from tokcomp.models.adapters import VLMAdapter
+        from tokcomp.models.families import adapter_for_model
 
         adapter = target if isinstance(target, VLMAdapter) else adapter_for_model(target)
         config = adapter.model.config

@@ -61,6 +61,8 @@ class Spliced:
     visual_unique: torch.Tensor  # (L_un,) bool: visual entries of the LLM input
     visual_full: torch.Tensor  # (L_full,) bool: visual positions of the full-length sequence
     positions: torch.Tensor  # (L_un,) position ids of the LLM input when VTU is off
+    # M-RoPE families: (3, L_un) the stock 3-D positions of the kept entries (text and visual)
+    rope: torch.Tensor | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -81,6 +83,12 @@ class Batch:
     visual_unique: torch.Tensor  # (B, L_un)
     visual_full: torch.Tensor  # (B, L_full)
     positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
+    rope: torch.Tensor | None = None  # M-RoPE families: (3, B, L_un) stock 3-D positions of the kept entries
+
+    def position_ids(self) -> torch.Tensor:
+        """What the LLM's forward takes as ``position_ids`` without VTU: (B, L_un), or for an M-RoPE
+        family (4, B, L_un), the text positions above the three rotary rows (as stock generate passes them)."""
+        return self.positions if self.rope is None else torch.cat([self.positions[None], self.rope])
 
 
 def eos_token_ids(generation_config) -> list[int]:
@@ -198,9 +206,11 @@ class Assembler:
         )
         dev = self.device
         positions = self._llm_positions(len(ids), slots, units, embeds.shape[0])
+        rope = self._rope_positions(len(ids), slots, units) if adapter.uses_mrope else None
         return Spliced(
-            embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev), positions.to(dev)
-        )
+            embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev), positions.to(dev),
+            None if rope is None else rope.to(dev),
+        )  # fmt: skip
 
     def _llm_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens], length: int) -> torch.Tensor:
         """Position ids of the LLM input without VTU: the stock sequence's own positions for methods that
@@ -217,6 +227,23 @@ class Assembler:
             start = slot + 1
         return torch.cat(pieces)
 
+    def _rope_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens]) -> torch.Tensor:
+        """(3, L_un): M-RoPE positions as the stock model counts them (text one step at a time on all
+        three rows, a unit at its stock 3-D positions, the text after it moved on by its span), each
+        kept visual entry at its own stock position (a merged entry at its first position's)."""
+        pieces, current, start = [], 0, 0
+        for slot, unit in zip([*slots, num_ids], [*units, None], strict=True):
+            text = slot - start
+            pieces.append(torch.arange(current, current + text).expand(3, -1))
+            current += text
+            if unit is not None:
+                if unit.rope is None:
+                    raise TokcompError("an M-RoPE model's visual unit has no stock 3-D positions")
+                pieces.append(current + unit.rope[:, unit.positions.cpu()])
+                current += unit.rope_span
+            start = slot + 1
+        return torch.cat(pieces, dim=1)
+
     def collate(self, spliced: Sequence[Spliced]) -> Batch:
         bsz = len(spliced)
         hidden = spliced[0].embeds.shape[-1]
@@ -231,6 +258,8 @@ class Assembler:
         visual_unique = torch.zeros(bsz, l_un, dtype=torch.bool, device=dev)
         visual_full = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
         llm_positions = torch.ones(bsz, l_un, dtype=torch.long, device=dev)
+        mrope = spliced[0].rope is not None
+        rope = torch.ones(3, bsz, l_un, dtype=torch.long, device=dev) if mrope else None
         for b, s in enumerate(spliced):
             n_un, n_full = s.embeds.shape[0], s.mapping.shape[0]
             pad_un, pad_full = l_un - n_un, l_full - n_full
@@ -242,11 +271,13 @@ class Assembler:
             visual_unique[b, pad_un:] = s.visual_unique
             visual_full[b, pad_full:] = s.visual_full
             llm_positions[b, pad_un:] = s.positions
+            if rope is not None:
+                rope[:, b, pad_un:] = s.rope
         return Batch(
             embeds, unique_valid, mapping, full_valid, positions,
             torch.tensor([s.mapping.shape[0] for s in spliced], device=dev),
             torch.tensor([s.embeds.shape[0] for s in spliced], device=dev),
-            visual_unique, visual_full, llm_positions,
+            visual_unique, visual_full, llm_positions, rope,
         )  # fmt: skip
 
     def _check_inputs(self, kinds: list[list[str]]) -> None:

@@ -37,7 +37,10 @@ if TYPE_CHECKING:
     from tokcomp.methods.base import Method
     from tokcomp.models.adapters import VLMAdapter
 
-VISUAL_INPUTS = ("pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images")
+VISUAL_INPUTS = (
+    "pixel_values", "pixel_values_videos", "image_sizes", "image_sizes_videos", "batch_num_images",
+    "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids",
+)  # fmt: skip
 
 
 @dataclass
@@ -49,7 +52,8 @@ class _Call:
     use_vtu: bool
     hooks: list
     input_length: int  # the stock mask's length at prefill (decode masks grow from it)
-    shift: torch.Tensor  # (B,) stock next position minus tokcomp's next position
+    shift: torch.Tensor  # (B,) stock next position minus tokcomp's next position (M-RoPE: of the text row;
+    # the three rotary rows keep the stock positions, so decoding continues where the stock model would)
     timings_ms: dict[str, float] = field(default_factory=dict)
     context: ExitStack = field(default_factory=ExitStack)
     started: float = 0.0
@@ -154,6 +158,8 @@ class StockBridge:
         prefill_hooks = [h for h in hooks if h.active_in_prefill]
         if use_vtu and any(not h.keeps_everything for h in prefill_hooks):  # keeping everything prunes nothing
             raise TokcompError(f"{method.name}: VTU cannot be combined with pruning inside the prefill")
+        if use_vtu and batch.rope is not None:
+            raise TokcompError(f"{method.name}: VTU is not supported on M-RoPE models ({adapter.name}) yet")
         if use_vtu:
             state = VTUState(
                 mapping=batch.mapping, full_valid=batch.full_valid, positions=batch.full_positions,
@@ -165,7 +171,7 @@ class StockBridge:
             if prefill_hooks:
                 run = LLMRun(hooks=prefill_hooks, prefill_valid=batch.unique_valid)
                 call.context.enter_context(use_attention(lm, run))
-            positions = batch.positions
+            positions = batch.position_ids()
         self.call = call
         self.calls.append(call)
         call.started = time.perf_counter()
@@ -185,8 +191,15 @@ class StockBridge:
         if steps < 1 or (kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[0] != kept.shape[0]):
             raise TokcompError(f"{self.method.name}: the decode inputs do not follow the compressed prefill")
         new["attention_mask"] = torch.cat([kept, kept.new_ones(kept.shape[0], steps)], dim=1)
-        if kwargs.get("position_ids") is not None:
-            new["position_ids"] = kwargs["position_ids"] - call.shift[:, None].to(kwargs["position_ids"].device)
+        if (stock := kwargs.get("position_ids")) is not None:
+            shift = call.shift.to(stock.device)
+            if stock.ndim == 3:  # M-RoPE (text row first when there are four): only the text row moves
+                shifted = stock.clone()
+                if stock.shape[0] == 4:
+                    shifted[0] = stock[0] - shift[:, None]
+                new["position_ids"] = shifted
+            else:
+                new["position_ids"] = stock - shift[:, None]
         if call.hooks:
             fed = kwargs.get("input_ids")
             active = (

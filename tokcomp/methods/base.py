@@ -129,7 +129,8 @@ class Method:
     def __call__(self, target: VLMAdapter | torch.nn.Module) -> Iterator[Method]:
         """Attach to a tokcomp adapter or to a stock model (``from_pretrained``): inside the block the
         model's own ``generate`` and forward run this method; on exit the model is as it was."""
-        from tokcomp.models.adapters import VLMAdapter, adapter_for_model
+        from tokcomp.models.adapters import VLMAdapter
+        from tokcomp.models.families import adapter_for_model
         from tokcomp.stock import attach_stock_generate
 
         adapter = target if isinstance(target, VLMAdapter) else adapter_for_model(target)
@@ -139,6 +140,9 @@ class Method:
         model = adapter.model
         with ExitStack() as stack:
             rule = self.encoder_rule(adapter)
+            if (rule is not None or self.encoder_trace(adapter) is not None) and not adapter.supports_encoder_stages:
+                raise TokcompError(f"method '{self.label}' works inside the vision encoder, which tokcomp does not "
+                                   f"support on the {adapter.family} family yet")  # fmt: skip
             if rule is not None:
                 adapter.merging = stack.enter_context(
                     attach_merging(

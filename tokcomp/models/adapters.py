@@ -31,6 +31,8 @@ class VLMAdapter:
     """A loaded stock VLM plus its tokenizer and image processor."""
 
     family: str = ""
+    uses_mrope: bool = False  # 3-D rotary positions (Qwen2.5-VL): the LLM input carries (3, L) positions
+    supports_encoder_stages: bool = True  # in-encoder merging (DToMe) and encoder traces (VisionZip)
 
     def __init__(self, model: PreTrainedModel, tokenizer, image_processor, name: str, path: str = "") -> None:
         self.model = model
@@ -155,7 +157,7 @@ class VLMAdapter:
             and (num_images or has_video)
         )
         if placed:
-            content = [{"type": "text", "text": prompt}]
+            content = [{"type": "text", "text": self.inline_tags(prompt)}]
         else:
             if image_tag in prompt or video_tag in prompt:
                 raise TokcompError(
@@ -172,6 +174,10 @@ class VLMAdapter:
             return self._apply_template([{"role": "user", "content": content}], template)
         except (TypeError, TemplateError):  # a template for string contents only (a text model's)
             return self._apply_template([{"role": "user", "content": inline}], template)
+
+    def inline_tags(self, prompt: str) -> str:
+        """A prompt that places its own ``<image>``/``<video>`` tags, in the family's own words for them."""
+        return prompt
 
     def _apply_template(self, messages: list[dict], template: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -543,19 +549,3 @@ class LlavaOnevisionAdapter(VLMAdapter):
         full = torch.cat([pooled.flatten(0, 1), newline[None].to(pooled)])
         owner = torch.cat([*owner_rows, torch.full((1,), -1, dtype=torch.long)])
         return full, owner
-
-
-ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "llava_onevision": LlavaOnevisionAdapter}
-
-
-def adapter_for_model(model: PreTrainedModel) -> VLMAdapter:
-    """The adapter of a stock model loaded by the user (its family from ``config.model_type``)."""
-    existing = getattr(model, "_tokcomp_adapter", None)
-    if existing is not None:
-        return existing
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", type(model).__name__)
-    cls = ADAPTERS.get(model_type)
-    if cls is None:
-        raise TokcompError(f"model type '{model_type}' is not supported (supported: {', '.join(ADAPTERS)})")
-    return cls(model, None, None, getattr(config, "_name_or_path", "") or type(model).__name__)

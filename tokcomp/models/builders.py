@@ -1,8 +1,9 @@
-"""The stock configs and image processors of the two families, built in one place.
+"""The stock configs and image processors of the families, built in one place.
 
 tokcomp's presets (tiny models from real configs), the real-model shapes (random weights, for bench)
-and tokcomp-tiny all make their ``LlavaConfig`` / ``LlavaOnevisionConfig`` and PIL image processor here,
-so the families' wiring (feature layer, select strategy, AnyRes pinpoints, normalisation) is written once.
+and tokcomp-tiny all make their ``LlavaConfig`` / ``LlavaOnevisionConfig`` / ``Qwen2_5_VLConfig`` and PIL
+image processor here, so the families' wiring (feature layer, select strategy, AnyRes pinpoints, M-RoPE
+sections, normalisation) is written once.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionImageProcessorPil,
     PreTrainedModel,
+    Qwen2_5_VLConfig,
     Qwen2Config,
     SiglipVisionConfig,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
@@ -52,6 +55,26 @@ def onevision(
     processor = LlavaOnevisionImageProcessorPil(
         size={"height": size, "width": size}, image_grid_pinpoints=pinpoints, image_mean=SIGLIP_MEAN,
         image_std=SIGLIP_STD,
+    )  # fmt: skip
+    return full, processor
+
+
+def qwen2_5_vl(
+    vision: dict, text: dict, pixels: tuple[int, int], mrope_section: list[int], **config: Any
+) -> tuple[Qwen2_5_VLConfig, Qwen2VLImageProcessorPil]:
+    """Qwen2.5-VL: a windowed ViT with a 2x2 merger into a Qwen2 LLM with 3-D M-RoPE (``mrope_section``
+    splits the rotary frequencies among time, height and width); images between ``pixels`` (min, max)."""
+    theta = text.pop("rope_theta", 1_000_000.0)
+    rope = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(mrope_section)}
+    full = Qwen2_5_VLConfig(
+        vision_config={"out_hidden_size": text["hidden_size"], **vision},
+        text_config={"bos_token_id": None, "eos_token_id": None, **text, "rope_parameters": rope}, **config,
+    )  # fmt: skip
+    low, high = pixels
+    processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": low, "longest_edge": high}, patch_size=vision.get("patch_size", 14),
+        temporal_patch_size=vision.get("temporal_patch_size", 2), merge_size=vision.get("spatial_merge_size", 2),
+        image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )  # fmt: skip
     return full, processor
 

@@ -13,7 +13,8 @@ from transformers import logging as hf_logging
 
 from tokcomp import resources
 from tokcomp.errors import TokcompError
-from tokcomp.models.adapters import ADAPTERS, VLMAdapter
+from tokcomp.models.adapters import VLMAdapter
+from tokcomp.models.families import ADAPTERS
 from tokcomp.models.presets import PRESETS, ensure_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -21,6 +21,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
 )
 
 from tokcomp.errors import TokcompError
@@ -47,6 +48,8 @@ class Preset:
     spec: dict
     build: Callable[[dict, int], tuple[PreTrainedModel, object]]
     seed: int = 0
+    chat_template: str = CHAT_TEMPLATE
+    markers: tuple[str, ...] = ()  # the chat template's own special words (kept whole by the tokenizer)
 
     @property
     def fingerprint(self) -> str:
@@ -71,6 +74,39 @@ def _build_tiny_llava_ov(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, 
     )
     return LlavaOnevisionForConditionalGeneration(config), processor
 
+
+def _build_tiny_qwen2_5_vl(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
+    config, processor = builders.qwen2_5_vl(
+        dict(spec["vision"]), {"vocab_size": vocab_size, **spec["text"]}, tuple(spec["pixels"]), spec["mrope_section"],
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config), processor
+
+
+# Qwen2.5-VL's conversation format ("<|im_start|>user\n<|vision_start|><image><|vision_end|>...").
+QWEN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><image><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><video><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2.5-VL-7B's layout, scaled down: its vision tower has a full-attention block after every few
+# windowed ones (7B: blocks 7, 15, 23, 31 of 32, windows of 112 px), a 2x2 merger and 2-frame
+# temporal patches; its LLM splits the rotary frequencies 16/24/24 among time, height and width (here
+# 2/3/3 of a head of 16).
+_QWEN_VISION = {
+    "depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 14,
+    "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1, 3],
+    "tokens_per_second": 2,
+}  # fmt: skip
+_QWEN_TEXT = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+}  # fmt: skip
 
 _VISION = {
     "hidden_size": 64,
@@ -104,6 +140,16 @@ PRESETS: dict[str, Preset] = {
         spec={"vision": _VISION, "text": _TEXT, "grid": [[1, 1], [1, 2], [2, 1], [2, 2]]},
         build=_build_tiny_llava_ov,
     ),
+    "tiny-qwen2.5-vl": Preset(
+        name="tiny-qwen2.5-vl",
+        description="Qwen2.5-VL layout: windowed ViT 4 blocks (full attention in 2 and 4), 2x2 merger, images "
+        "at their own resolution (56-224 px a side: 4-64 tokens), 2-frame video patches, Qwen2 4 layers "
+        "with 3-D M-RoPE; random weights",
+        spec={"vision": _QWEN_VISION, "text": _QWEN_TEXT, "pixels": [56 * 56, 224 * 224], "mrope_section": [2, 3, 3]},
+        build=_build_tiny_qwen2_5_vl,
+        chat_template=QWEN_CHAT_TEMPLATE,
+        markers=QWEN_MARKERS,
+    ),
 }
 
 
@@ -119,7 +165,7 @@ def preset_path(name: str) -> Path:
 def build_preset(name: str, out_dir: Path) -> None:
     """Build a preset with its seed and save model, tokenizer and image processor to ``out_dir``."""
     preset = PRESETS[name]
-    tokenizer = build_word_tokenizer(word_vocabulary(), CHAT_TEMPLATE)
+    tokenizer = build_word_tokenizer(word_vocabulary(extra=preset.markers), preset.chat_template, preset.markers)
     torch.manual_seed(preset.seed)
     model, image_processor = preset.build(preset.spec, len(tokenizer))
     builders.set_special_tokens(model, tokenizer)

@@ -173,12 +173,15 @@ def word_vocabulary(extra: Iterable[str] = ()) -> list[str]:
     return list(seen)
 
 
-def build_word_tokenizer(words: Iterable[str], chat_template: str) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(
+    words: Iterable[str], chat_template: str, markers: Iterable[str] = ()
+) -> PreTrainedTokenizerFast:
+    """``markers``: words of the vocabulary kept whole as special tokens (a chat template's ``<|im_start|>``)."""
     vocab = {word: i for i, word in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Whitespace()])
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         unk_token="<unk>",
         pad_token="<pad>",
@@ -188,3 +191,10 @@ def build_word_tokenizer(words: Iterable[str], chat_template: str) -> PreTrained
         chat_template=chat_template,
         padding_side="left",
     )
+    markers = list(markers)
+    if markers:
+        missing = [m for m in markers if m not in vocab]
+        if missing:
+            raise ValueError(f"markers missing from the vocabulary: {missing}")
+        tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    return tokenizer

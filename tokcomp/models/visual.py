@@ -40,6 +40,8 @@ class VisualUnit:
     views: torch.Tensor  # (V, 3, S, S)
     image_size: tuple[int, int] | None = None  # original (H, W), for AnyRes unpadding
     anyres: bool = False  # OneVision single image: base view + crops
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2.5-VL: (temporal, height, width) in patches
+    seconds_per_grid: float = 1.0  # Qwen2.5-VL video: seconds per temporal patch (its M-RoPE time step)
 
 
 @dataclass
@@ -74,6 +76,10 @@ class UnitTokens:
     provenance: torch.Tensor | None = None  # (N_full, 2) long: (view, patch) of each position, -1 where none
     trace: torch.Tensor | None = None  # (N_full,) float32: the encoder-trace score of each position (NaN: none)
     trace_keys: torch.Tensor | None = None  # (N_full, d) float32: its traced keys, if the trace has keys
+    # M-RoPE families: (3, original) stock positions of the stock layout relative to the unit's start, and
+    # how far the text position moves on after the unit
+    rope: torch.Tensor | None = None
+    rope_span: int = 0
 
     def __post_init__(self) -> None:
         if self.original < 0:
@@ -121,6 +127,8 @@ def select_positions(unit: UnitTokens, keep: torch.Tensor) -> UnitTokens:
         frame_tokens=unit.frame_tokens,
         positions=unit.positions[keep],
         views=unit.views,
+        rope=unit.rope,
+        rope_span=unit.rope_span,
         **_per_position(unit, keep),
     )
 
@@ -165,6 +173,8 @@ def merge_positions(unit: UnitTokens, groups: list[torch.Tensor]) -> UnitTokens:
         frame_tokens=unit.frame_tokens,
         positions=unit.positions[heads[order]],
         views=unit.views,
+        rope=unit.rope,
+        rope_span=unit.rope_span,
         **extra,
     )
 

@@ -1,0 +1,198 @@
+"""The Qwen2.5-VL family: dynamic-resolution images, 2-frame temporal patches, a 2x2 patch merger and
+3-D M-RoPE positions.
+
+A unit's views are the processor's flattened patch rows ((N, C*T*p*p), the merger's 2x2 groups next to
+each other) with its grid (t, h, w) in patches; its LLM tokens are the merger's outputs, one per 2x2
+group, in the stock raster order (frame, row, column). Every stock LLM token has a 3-D position
+(``rope``: temporal, height, width, relative to the unit's start) and the unit moves the text position
+on by ``span`` (the larger side in merged tokens), exactly as the stock ``get_rope_index`` counts; a
+pre-LLM selection keeps each kept token's stock position, as vLLM's EVS does.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch import nn
+
+from tokcomp.errors import TokcompError
+from tokcomp.models.adapters import VLMAdapter
+from tokcomp.models.visual import VisualUnit, identity_tokens
+
+# Seconds of video per temporal patch when the caller gives no frame rate (the stock processor's
+# default: temporal_patch_size / fps with fps 2).
+DEFAULT_SECONDS_PER_GRID = 1.0
+
+
+class Qwen2_5_VLAdapter(VLMAdapter):
+    """``Qwen2_5_VLForConditionalGeneration``: a windowed ViT with 2-D RoPE, a 2x2 merger, a Qwen2 LLM
+    with 3-D M-RoPE."""
+
+    family = "qwen2_5_vl"
+    uses_mrope = True
+    supports_encoder_stages = False  # DToMe inside the windowed encoder, and its traces: not yet
+
+    # --- vision encoder geometry -------------------------------------------------------------
+    @property
+    def vision_model(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.vision_model.blocks)
+
+    @property
+    def has_cls(self) -> bool:
+        return False
+
+    @property
+    def feature_layer(self) -> int:
+        return self.num_layers
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.vision_config.spatial_merge_size)
+
+    def _no_fixed_grid(self) -> TokcompError:
+        return TokcompError(f"{self.name} reads images at their own resolution (no fixed patch grid): merging "
+                            f"inside its vision encoder, calibration and merge maps are not supported on the "
+                            f"{self.family} family yet")  # fmt: skip
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        raise self._no_fixed_grid()
+
+    @property
+    def image_size(self) -> int:
+        raise self._no_fixed_grid()
+
+    def inline_tags(self, prompt: str) -> str:
+        """``<image>`` / ``<video>`` as the Qwen chat template writes them: the pad token between the
+        vision start and end markers."""
+        tok = self.tokenizer
+        image, video = tok.convert_ids_to_tokens([self.image_token_id, self.video_token_id])
+        return prompt.replace("<image>", f"<|vision_start|>{image}<|vision_end|>").replace(
+            "<video>", f"<|vision_start|>{video}<|vision_end|>"
+        )
+
+    # --- units --------------------------------------------------------------------------------
+    def _patches(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        t, h, w = (int(v) for v in out["image_grid_thw"][0])
+        return out["pixel_values"].to(self.dtype), (t, h, w)
+
+    def prepare_units(self, images: list[Image.Image], video: list[Image.Image] | None) -> list:
+        units = []
+        for image in images:
+            rows, grid = self._patches(image)
+            units.append(VisualUnit("image", rows, grid_thw=grid))
+        if video:
+            units.append(self._video_unit(video))
+        return units
+
+    def _video_unit(self, frames: list[Image.Image]) -> VisualUnit:
+        """Frames paired into temporal patches as the stock video layout has them (an odd last frame
+        repeated): each row holds the same patch of two consecutive frames. Every frame is brought to
+        the first one's size (one grid per video, as the stock video processor has it)."""
+        size = frames[0].size
+        per_frame = [self._patches(f if f.size == size else f.resize(size, Image.BICUBIC)) for f in frames]
+        _, h, w = per_frame[0][1]
+        temporal = int(self.vision_config.temporal_patch_size)
+        while len(per_frame) % temporal:
+            per_frame.append(per_frame[-1])
+        channels, patch = 3, int(self.vision_config.patch_size)
+        pieces = []
+        for start in range(0, len(per_frame), temporal):
+            group = [rows.view(rows.shape[0], channels, temporal, patch, patch)[:, :, 0] for rows, _ in
+                     per_frame[start : start + temporal]]  # fmt: skip
+            pieces.append(torch.stack(group, dim=2).flatten(1))
+        grid = (len(per_frame) // temporal, h, w)
+        return VisualUnit("video", torch.cat(pieces), grid_thw=grid, seconds_per_grid=DEFAULT_SECONDS_PER_GRID)
+
+    def _tokens_of(self, grid: tuple[int, int, int]) -> int:
+        t, h, w = grid
+        return t * h * w // self.merge_size**2
+
+    def stock_unit_tokens(self, units: list) -> list:
+        model = self.model.model
+        result: dict[int, object] = {}
+        for kind in ("image", "video"):
+            mine = [(i, u) for i, u in enumerate(units) if u.kind == kind]
+            if not mine:
+                continue
+            rows = torch.cat([u.views for _, u in mine])
+            grids = torch.tensor([u.grid_thw for _, u in mine])
+            if kind == "image":
+                features = model.get_image_features(pixel_values=rows, image_grid_thw=grids).pooler_output
+            else:
+                features = model.get_video_features(pixel_values_videos=rows, video_grid_thw=grids).pooler_output
+            for (i, u), f in zip(mine, features, strict=True):
+                counts = [u.views.shape[0]] * self.num_layers
+                frames = u.grid_thw[0] if kind == "video" else 0
+                tokens = identity_tokens(f, counts, num_frames=frames, views=max(1, frames))
+                result[i] = self._placed(u, tokens)
+        return [result[i] for i in range(len(units))]
+
+    def encode_order(self, units: list) -> list[int]:
+        return sorted(range(len(units)), key=lambda i: units[i].kind != "image")
+
+    def _placed(self, unit, tokens):
+        tokens = super()._placed(unit, tokens)
+        tokens.rope, tokens.rope_span = self.unit_rope(unit)
+        return tokens
+
+    def unit_rope(self, unit) -> tuple[torch.Tensor, int]:
+        """(3, N) stock M-RoPE positions of the unit's LLM tokens relative to its start, and how far the
+        text position moves on after it (as the stock ``get_rope_index``)."""
+        t, h, w = unit.grid_thw
+        m = self.merge_size
+        interval = 1.0
+        if unit.kind == "video":
+            interval = float(self.vision_config.tokens_per_second) * float(unit.seconds_per_grid)
+        grid = torch.tensor([t, h, w])
+        rope = self.model.model.get_vision_position_ids(0, grid, 1, m, interval)
+        return rope, max(h, w) // m
+
+    def provenance(self, unit) -> torch.Tensor:
+        """(frame group or 0, merged-token index in raster order) of every LLM token."""
+        t, h, w = unit.grid_thw
+        per = h * w // self.merge_size**2
+        view = torch.arange(t).repeat_interleave(per)
+        return torch.stack([view, torch.arange(per).repeat(t)], 1)
+
+    def layout(self, unit, values, fill):
+        raise TokcompError(f"{self.name}: encoder traces are not supported on the Qwen2.5-VL family yet")
+
+    def units_from_inputs(self, rows: list[torch.Tensor], inputs: dict) -> list[tuple[list, list]]:
+        """Images in order of ``image_grid_thw`` (their rows of ``pixel_values`` in turn), videos in order
+        of ``video_grid_thw``; a request takes as many as its image / video tokens need."""
+        sources = {
+            "image": (inputs.get("pixel_values"), inputs.get("image_grid_thw"), self.image_token_id),
+            "video": (inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"), self.video_token_id),
+        }
+        seconds = inputs.get("second_per_grid_ts")
+        cursors = {"image": [0, 0], "video": [0, 0]}  # (unit, patch row)
+        out = []
+        for ids in rows:
+            per_kind = {}
+            for kind, (pixels, grids, token) in sources.items():
+                need, units = int((ids == token).sum()), []
+                while need > 0:
+                    unit_index, row = cursors[kind]
+                    if pixels is None or grids is None or unit_index >= grids.shape[0]:
+                        raise TokcompError(f"the input ids hold more {kind} tokens than the {kind} inputs give")
+                    grid = tuple(int(v) for v in grids[unit_index])
+                    n_rows = grid[0] * grid[1] * grid[2]
+                    extra = {}
+                    if kind == "video":
+                        extra["seconds_per_grid"] = float(seconds[unit_index]) if seconds is not None else 1.0
+                    unit = VisualUnit(kind, pixels[row : row + n_rows].to(self.dtype), grid_thw=grid, **extra)
+                    count = self._tokens_of(grid)
+                    units.append((unit, count))
+                    need -= count
+                    cursors[kind] = [unit_index + 1, row + n_rows]
+                if need < 0:
+                    raise TokcompError(f"a request's {kind} tokens do not match its {kind} grids")
+                per_kind[kind] = units
+            out.append((per_kind["image"], per_kind["video"]))
+        return out
