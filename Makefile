@@ -135,7 +135,7 @@ calibrations: install
 # numbers are extrapolated and labelled. About 11-16 minutes on 2 cores (estimated from the FLOPs).
 BENCH_DIR := results/bench
 BENCH := $(BIN)/tokcomp bench --max-new-tokens 8 --warmup 1
-BENCH_CASES := dymu-low dycoke dycoke-evict adaptive-20
+BENCH_CASES := dymu-low dycoke dycoke-evict adaptive-20 qwen-adaptive-20 qwen-dycoke
 benchmarks: install
 	$(BENCH) --model llava-1.5-7b-shape --llm-layers 2 --method dymu-low --input image --repeat 3 \
 	  --out $(BENCH_DIR)/dymu-low.json
@@ -145,6 +145,10 @@ benchmarks: install
 	  --repeat 2 --out $(BENCH_DIR)/dycoke-evict.json
 	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 2 --vision-layers 4 --method adaptive-20 --input images:4 \
 	  --repeat 3 --out $(BENCH_DIR)/adaptive-20.json
+	$(BENCH) --model qwen2.5-vl-7b-shape --llm-layers 2 --vision-layers 4 --method adaptive-20 --input images:4 \
+	  --repeat 3 --out $(BENCH_DIR)/qwen-adaptive-20.json
+	$(BENCH) --model qwen2.5-vl-7b-shape --llm-layers 4 --vision-layers 1 --method dycoke --input video:16 \
+	  --repeat 2 --out $(BENCH_DIR)/qwen-dycoke.json
 	$(BIN)/tokcomp bench-md $(BENCH_CASES:%=$(BENCH_DIR)/%.json) --out BENCHMARKS.md
 
 # On a CUDA machine (after `make install`, which brings PyPI's CUDA torch there): the tests that take a

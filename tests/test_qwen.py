@@ -222,3 +222,59 @@ def test_beams_and_sampling_run_compressed_with_one_account_per_request(qwen, ba
         out = qwen.model.generate(**inputs, max_new_tokens=3, **options)
     assert out.shape[0] == inputs["input_ids"].shape[0]
     assert len(method.accounts) == 3 and all(a.visual_kept < a.visual_full for a in method.accounts)
+
+
+def test_vtu_attention_with_3d_positions_equals_the_group_mean_of_the_stock_layer(qwen, batch):
+    """VTU's exactness on Qwen2.5-VL's language model: one layer on the unique tokens == the stock layer
+    on the expanded sequence at the stock 3-D positions, averaged back over each merged group."""
+    from tokcomp.methods.attention import attach_vtu
+    from tokcomp.methods.vtu import VTUState, group_mean
+
+    _, _, inputs = batch
+    ids, types = inputs["input_ids"][:1], inputs["mm_token_type_ids"][:1]
+    valid = inputs["attention_mask"][:1].bool()
+    ids, types = ids[valid][None], types[valid][None]
+    rope, _ = qwen.model.model.get_rope_index(ids, types, image_grid_thw=inputs["image_grid_thw"][:1])
+    length = ids.shape[1]
+    visual = (ids[0] == qwen.image_token_id).nonzero().flatten()
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, visual.shape[0] // 3, (visual.shape[0],), generator=g)  # merged visual groups
+    mapping = torch.empty(length, dtype=torch.long)
+    text = torch.ones(length, dtype=torch.bool)
+    text[visual] = False
+    mapping[text] = torch.arange(int(text.sum()))
+    _, dense = torch.unique(groups, return_inverse=True)
+    mapping[visual] = int(text.sum()) + dense
+    num_unique = int(mapping.max()) + 1
+    lm = qwen.language_model
+    attn = lm.layers[0].self_attn
+    unique = torch.randn(1, num_unique, lm.config.hidden_size, generator=g)
+    full = unique[:, mapping]
+    with torch.no_grad():
+        stock, _ = attn(hidden_states=full, position_embeddings=lm.rotary_emb(full, position_ids=rope),
+                        attention_mask=None)  # fmt: skip
+        ones = torch.ones(1, length, dtype=torch.bool)
+        expected = group_mean(stock.transpose(1, 2)[:, :, :, None], mapping[None], ones, num_unique)[..., 0]
+        state = VTUState(mapping[None], ones, torch.arange(length)[None], num_unique, None, lm.rotary_emb,
+                         rope_positions=rope)  # fmt: skip
+        zeros = torch.zeros(1, num_unique, dtype=torch.long)
+        with attach_vtu(lm, state):
+            got, _ = attn(hidden_states=unique, position_embeddings=lm.rotary_emb(unique, position_ids=zeros),
+                          attention_mask=None)  # fmt: skip
+    assert torch.allclose(got, expected.transpose(1, 2), atol=1e-5)
+    assert not torch.equal(rope[0], rope[1])  # the positions really are 3-D inside the image
+
+
+def test_windowed_encoder_flops_count_full_attention_only_in_its_blocks(qwen):
+    """Attention costs patches x window in windowed blocks and patches^2 in the full-attention ones."""
+    from tokcomp.benchmark.flops import windowed_vit_flops
+
+    config = qwen.vision_config
+    window = (config.window_size // config.patch_size) ** 2
+    layers = config.depth
+    small, large = windowed_vit_flops(window, config, layers), windowed_vit_flops(4 * window, config, layers)
+    attention = 2 * 2 * config.hidden_size
+    full = len(config.fullatt_block_indexes)
+    linear = 16 * (small - attention * window * window * layers) / 4  # everything but attention, 4x the patches
+    expected = linear + attention * 4 * window * (full * 4 * window + (layers - full) * window)
+    assert large == pytest.approx(expected)

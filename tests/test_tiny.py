@@ -294,6 +294,8 @@ def test_training_resumes_where_it_stopped_and_adds_up_its_runs(tmp_path):
     assert report["steps"] == 4 and report["evidence_weight"] == 0.5 and len(report["runs"]) == 2
     assert report["query_weight"] == 0.5 and report["curriculum_from"] == 0 and report["query_layer"] == 0
     assert report["runs"][1]["changed"] == {"query_weight": 0.5, "query_layer": 0, "curriculum_steps": 2}
+    finished = torch.load(state_dir_for(tmp_path / "ckpt") / "state.pt", weights_only=False)
+    assert (finished["stage"], finished["step"], len(finished["runs"])) == ("answer", 4, 2)  # saved at the end too
     assert [c["step"] for c in report["curve"]] == [2, 4] and report["cpu_seconds"] > 0
     assert (tmp_path / "ckpt" / "training-curve.png").stat().st_size > 1000
     assert "## Numbers" in (tmp_path / "ckpt" / "README.md").read_text()

@@ -61,7 +61,8 @@ class Spliced:
     visual_unique: torch.Tensor  # (L_un,) bool: visual entries of the LLM input
     visual_full: torch.Tensor  # (L_full,) bool: visual positions of the full-length sequence
     positions: torch.Tensor  # (L_un,) position ids of the LLM input when VTU is off
-    # M-RoPE families: (3, L_un) the stock 3-D positions of the kept entries (text and visual)
+    # M-RoPE families: (3, L_full) the stock 3-D positions of the sequence's positions (text and visual;
+    # without VTU the LLM input itself)
     rope: torch.Tensor | None = None
 
     @property
@@ -83,12 +84,14 @@ class Batch:
     visual_unique: torch.Tensor  # (B, L_un)
     visual_full: torch.Tensor  # (B, L_full)
     positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
-    rope: torch.Tensor | None = None  # M-RoPE families: (3, B, L_un) stock 3-D positions of the kept entries
+    rope: torch.Tensor | None = None  # M-RoPE families: (3, B, L_full) stock 3-D positions of every position
 
-    def position_ids(self) -> torch.Tensor:
-        """What the LLM's forward takes as ``position_ids`` without VTU: (B, L_un), or for an M-RoPE
-        family (4, B, L_un), the text positions above the three rotary rows (as stock generate passes them)."""
-        return self.positions if self.rope is None else torch.cat([self.positions[None], self.rope])
+    def position_ids(self, vtu: bool = False) -> torch.Tensor:
+        """The ``position_ids`` decoding continues from: (B, L) (L: the LLM input, or the full length under
+        VTU), or for an M-RoPE family (4, B, L), the text positions above the three rotary rows (as stock
+        generate passes them)."""
+        text = self.full_positions if vtu else self.positions
+        return text if self.rope is None else torch.cat([text[None], self.rope])
 
 
 def eos_token_ids(generation_config) -> list[int]:
@@ -228,7 +231,7 @@ class Assembler:
         return torch.cat(pieces)
 
     def _rope_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens]) -> torch.Tensor:
-        """(3, L_un): M-RoPE positions as the stock model counts them (text one step at a time on all
+        """(3, L_full): M-RoPE positions as the stock model counts them (text one step at a time on all
         three rows, a unit at its stock 3-D positions, the text after it moved on by its span), each
         kept visual entry at its own stock position (a merged entry at its first position's)."""
         pieces, current, start = [], 0, 0
@@ -259,7 +262,7 @@ class Assembler:
         visual_full = torch.zeros(bsz, l_full, dtype=torch.bool, device=dev)
         llm_positions = torch.ones(bsz, l_un, dtype=torch.long, device=dev)
         mrope = spliced[0].rope is not None
-        rope = torch.ones(3, bsz, l_un, dtype=torch.long, device=dev) if mrope else None
+        rope = torch.ones(3, bsz, l_full, dtype=torch.long, device=dev) if mrope else None
         for b, s in enumerate(spliced):
             n_un, n_full = s.embeds.shape[0], s.mapping.shape[0]
             pad_un, pad_full = l_un - n_un, l_full - n_full
@@ -272,7 +275,7 @@ class Assembler:
             visual_full[b, pad_full:] = s.visual_full
             llm_positions[b, pad_un:] = s.positions
             if rope is not None:
-                rope[:, b, pad_un:] = s.rope
+                rope[:, b, pad_full:] = s.rope
         return Batch(
             embeds, unique_valid, mapping, full_valid, positions,
             torch.tensor([s.mapping.shape[0] for s in spliced], device=dev),

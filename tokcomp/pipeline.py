@@ -228,7 +228,7 @@ class Pipeline(Assembler):
         # what generate extends step by step: under VTU the full-length mask and positions (the cache is
         # full length), else the shortened sequence's own
         mask = batch.full_valid if use_vtu else batch.unique_valid
-        positions = batch.full_positions if use_vtu else batch.position_ids()
+        positions = batch.position_ids(vtu=use_vtu)
         options = {"do_sample": False, "num_beams": 1, **self.generation}
         eos, pad = self._eos_ids(), adapter.tokenizer.pad_token_id
         bridge.last_call = None

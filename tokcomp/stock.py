@@ -158,12 +158,11 @@ class StockBridge:
         prefill_hooks = [h for h in hooks if h.active_in_prefill]
         if use_vtu and any(not h.keeps_everything for h in prefill_hooks):  # keeping everything prunes nothing
             raise TokcompError(f"{method.name}: VTU cannot be combined with pruning inside the prefill")
-        if use_vtu and batch.rope is not None:
-            raise TokcompError(f"{method.name}: VTU is not supported on M-RoPE models ({adapter.name}) yet")
         if use_vtu:
             state = VTUState(
                 mapping=batch.mapping, full_valid=batch.full_valid, positions=batch.full_positions,
                 num_unique=batch.embeds.shape[1], cache=kwargs.get("cache"), rotary=lm.rotary_emb,
+                rope_positions=batch.rope,
             )  # fmt: skip
             call.context.enter_context(use_attention(lm, LLMRun(vtu=state)))
             positions = torch.zeros(batch.embeds.shape[:2], dtype=torch.long, device=batch.embeds.device)

@@ -91,6 +91,9 @@ def _flop_counts(adapter, result: Generation, new_tokens: int) -> dict[str, floa
     units = acc.per_image
     vision_total = 0.0
     for unit in units:
+        if adapter.family == "qwen2_5_vl":  # no in-encoder merging: every block sees every patch
+            vision_total += flops.windowed_vit_flops(unit["per_layer"][0], vision, vision_layers)
+            continue
         views = unit["views"]
         counts = [c + views * adapter.protected for c in unit["per_layer"]]
         counts += counts[-1:] * (vision_layers - len(counts))  # encoder layers not run: as the last one run

@@ -61,6 +61,15 @@ CASES: dict[str, Case] = {
         Target("LLM prefill", PREFILL, 0.35),
         OVERHEAD,
     )),
+    # Qwen2.5-VL: the LLaVA rows' targets, for the same methods and inputs on the other family
+    "qwen-adaptive-20": Case("adaptive pruning at rho=0.2 on 4 images, Qwen2.5-VL-7B", (
+        Target("LLM prefill", PREFILL, 0.35),
+        OVERHEAD,
+    )),
+    "qwen-dycoke": Case("DyCoke (K=0.7) on Qwen2.5-VL-7B, 16 frames (8 temporal patches)", (
+        Target("LLM prefill", PREFILL, 0.60),
+        OVERHEAD,
+    )),
 }  # fmt: skip
 
 

@@ -21,6 +21,21 @@ def vision_flops(per_layer: list[int], start: int, hidden: int, mlp: int) -> flo
     return total
 
 
+def windowed_vit_flops(patches: int, config, layers: int) -> float:
+    """Qwen2.5-VL's encoder on ``patches`` patches over ``layers`` blocks: Q/K/V/O and a gated MLP per
+    patch, attention over all patches in the full-attention blocks and within a window elsewhere, then
+    the 2x2 merger (two matrices on one row per four patches)."""
+    hidden, mlp = config.hidden_size, config.intermediate_size
+    window = min(patches, (config.window_size // config.patch_size) ** 2)  # patches in one window
+    full = set(config.fullatt_block_indexes)
+    total = 0.0
+    for block in range(layers):
+        seen = patches if block in full else window
+        total += 2 * patches * 4 * hidden * hidden + 2 * 2 * patches * seen * hidden + 2 * patches * 3 * hidden * mlp
+    merged, width = patches // config.spatial_merge_size**2, hidden * config.spatial_merge_size**2
+    return float(total + 2 * merged * (width * width + width * config.out_hidden_size))
+
+
 def llm_layer_prefill(tokens: int, attended: int, config) -> float:
     """One decoder layer's prefill: projections and gated MLP on ``tokens``, causal attention over
     ``attended`` positions (more than ``tokens`` under VTU)."""

@@ -8,7 +8,8 @@ the stock rotary embedding an exact identity (cos = 1, sin = 0); the registered 
 then
 
 1. expands Q, K and V to full length with the map,
-2. applies RoPE at the true full-length positions (the model's own rotary module and function),
+2. applies RoPE at the true full-length positions (the model's own rotary module and function; for
+   an M-RoPE model the stock 3-D positions, while the causal mask follows the sequence order),
 3. attends with a causal mask over the full sequence (plus padding, plus a sliding window if any),
 4. stores the full-length RoPE'd K/V in the cache, so decoding continues as if nothing was merged,
 5. averages the output back over each group ((MᵀM)⁻¹Mᵀ, before ``o_proj``, which is linear).
@@ -34,16 +35,19 @@ class VTUState:
 
     mapping: torch.Tensor  # (B, L_full) long: full position -> index in the unique (LLM input) axis
     full_valid: torch.Tensor  # (B, L_full) bool: False on left padding
-    positions: torch.Tensor  # (B, L_full) long: true positions
+    positions: torch.Tensor  # (B, L_full) long: true positions (the causal order)
     num_unique: int
     cache: Cache | None
     rotary: nn.Module
+    # M-RoPE models: (3, B, L_full) the stock 3-D positions RoPE is applied at (else ``positions``)
+    rope_positions: torch.Tensor | None = None
     _rope: dict = field(default_factory=dict)
 
     def rope(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.device, like.dtype)
         if key not in self._rope:
-            self._rope[key] = self.rotary(like, position_ids=self.positions)
+            at = self.positions if self.rope_positions is None else self.rope_positions
+            self._rope[key] = self.rotary(like, position_ids=at)
         return self._rope[key]
 
 

@@ -19,6 +19,9 @@ from tokcomp.errors import TokcompError
 from tokcomp.models.adapters import VLMAdapter
 from tokcomp.models.visual import VisualUnit, identity_tokens
 
+# At most this many pixels per video frame, as the stock Qwen2-VL video processor bounds them (768 merged
+# tokens of 28x28 px): a frame gets far fewer tokens than a lone image may.
+VIDEO_MAX_PIXELS = 768 * 28 * 28
 # Seconds of video per temporal patch when the caller gives no frame rate (the stock processor's
 # default: temporal_patch_size / fps with fps 2).
 DEFAULT_SECONDS_PER_GRID = 1.0
@@ -92,10 +95,18 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 
     def _video_unit(self, frames: list[Image.Image]) -> VisualUnit:
         """Frames paired into temporal patches as the stock video layout has them (an odd last frame
-        repeated): each row holds the same patch of two consecutive frames. Every frame is brought to
-        the first one's size (one grid per video, as the stock video processor has it)."""
-        size = frames[0].size
-        per_frame = [self._patches(f if f.size == size else f.resize(size, Image.BICUBIC)) for f in frames]
+        repeated): each row holds the same patch of two consecutive frames. Every frame is brought to one
+        size, from the first frame's, within the image processor's bounds and ``VIDEO_MAX_PIXELS`` (one
+        grid per video, as the stock video processor has it)."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        width, height = frames[0].size
+        factor = int(self.vision_config.patch_size) * self.merge_size
+        low, high = self._image_pixels()
+        size = tuple(reversed(smart_resize(height, width, factor=factor, min_pixels=low,
+                                           max_pixels=min(high, VIDEO_MAX_PIXELS))))  # fmt: skip
+        per_frame = [self._patches(f if f.size == size else f.convert("RGB").resize(size, Image.BICUBIC))
+                     for f in frames]  # fmt: skip
         _, h, w = per_frame[0][1]
         temporal = int(self.vision_config.temporal_patch_size)
         while len(per_frame) % temporal:
@@ -108,6 +119,14 @@ class Qwen2_5_VLAdapter(VLMAdapter):
             pieces.append(torch.stack(group, dim=2).flatten(1))
         grid = (len(per_frame) // temporal, h, w)
         return VisualUnit("video", torch.cat(pieces), grid_thw=grid, seconds_per_grid=DEFAULT_SECONDS_PER_GRID)
+
+    def _image_pixels(self) -> tuple[int, int]:
+        """The image processor's (min, max) pixels."""
+        processor = self.image_processor
+        size = getattr(processor, "size", None)
+        low = getattr(processor, "min_pixels", None) or getattr(size, "shortest_edge", None) or 56 * 56
+        high = getattr(processor, "max_pixels", None) or getattr(size, "longest_edge", None) or 28 * 28 * 1280
+        return int(low), int(high)
 
     def _tokens_of(self, grid: tuple[int, int, int]) -> int:
         t, h, w = grid

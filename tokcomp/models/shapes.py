@@ -15,10 +15,11 @@ import torch
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
 )
 
 from tokcomp.models import builders
-from tokcomp.models.presets import CHAT_TEMPLATE
+from tokcomp.models.presets import CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, QWEN_MARKERS
 from tokcomp.models.tokenizer import build_word_tokenizer, word_vocabulary
 
 CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -32,6 +33,14 @@ QWEN2_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers":
              "num_key_value_heads": 2, "vocab_size": 151936}  # fmt: skip
 QWEN2_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
             "num_key_value_heads": 4, "vocab_size": 152064}  # fmt: skip
+# Qwen2.5-VL-7B's vision tower (its released config): 32 blocks, full attention in 7, 15, 23, 31, windows
+# of 112 px, a 2x2 merger, 2-frame temporal patches; its LLM is Qwen2-7B's with M-RoPE sections 16/24/24,
+# and its processor takes 56x56 to 12845056 pixels.
+QWEN25_VL_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
+                    "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                    "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}  # fmt: skip
+QWEN25_VL_PIXELS = (56 * 56, 12845056)
+QWEN25_VL_MROPE = [16, 24, 24]
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class Shape:
 
     @property
     def real_vision_layers(self) -> int:
-        return int(self.vision["num_hidden_layers"])
+        return int(self.vision.get("num_hidden_layers", self.vision.get("depth", 0)))
 
     @property
     def real_vocab(self) -> int:
@@ -62,6 +71,9 @@ SHAPES = {
                                  "LLaVA-OneVision-0.5B: SigLIP-so400m/14-384 (729 tokens, 26 layers), Qwen2-0.5B"),
     "llava-ov-7b-shape": Shape("llava-ov-7b-shape", "llava_onevision", SIGLIP_SO400M, QWEN2_7B,
                                "LLaVA-OneVision-7B: SigLIP-so400m/14-384, Qwen2-7B"),
+    "qwen2.5-vl-7b-shape": Shape("qwen2.5-vl-7b-shape", "qwen2_5_vl", QWEN25_VL_VISION, QWEN2_7B,
+                                 "Qwen2.5-VL-7B: windowed ViT 32 blocks (full attention in 4), 2x2 merger, "
+                                 "images at their own resolution, Qwen2-7B with M-RoPE"),
 }  # fmt: skip
 
 
@@ -79,9 +91,18 @@ def build_shape(name: str, llm_layers: int | None = None, seed: int = 0, vision_
     text["num_hidden_layers"] = max(1, min(layers, shape.real_llm_layers))
     vision = dict(shape.vision)
     if vision_layers is not None:
-        vision["num_hidden_layers"] = max(1, min(vision_layers, shape.real_vision_layers))
+        kept = max(1, min(vision_layers, shape.real_vision_layers))
+        if shape.family == "qwen2_5_vl":  # the full-attention blocks among those kept
+            vision.update(depth=kept, fullatt_block_indexes=[i for i in vision["fullatt_block_indexes"] if i < kept])
+        else:
+            vision["num_hidden_layers"] = kept
     torch.manual_seed(seed)
-    if shape.family == "llava":
+    if shape.family == "qwen2_5_vl":
+        tokenizer = build_word_tokenizer(word_vocabulary(extra=QWEN_MARKERS), QWEN_CHAT_TEMPLATE, QWEN_MARKERS)
+        text["vocab_size"] = len(tokenizer)
+        config, processor = builders.qwen2_5_vl(vision, text, QWEN25_VL_PIXELS, QWEN25_VL_MROPE)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    elif shape.family == "llava":
         config, processor = builders.llava(vision, text)
         model = LlavaForConditionalGeneration(config)
     else:

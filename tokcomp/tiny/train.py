@@ -575,6 +575,8 @@ def train(
                 if stopping and step < n:
                     log(f"stopping after {stop_after_minutes} minutes; continue with --resume")
                     return {"stopped": f"{name}:{step}"}
+        if save_minutes:  # the finished state too: a later --resume --steps N trains on from here exactly
+            checkpoint_state(optimizer)
     model.eval()
     wall, cpu = spent()
     last_run = this_run(f"answer:{settings['steps']}")
