@@ -94,6 +94,12 @@ class Batch:
         return text if self.rope is None else torch.cat([text[None], self.rope])
 
 
+def text_token_ids(adapter: VLMAdapter, ids: torch.Tensor) -> torch.Tensor:
+    """A prompt's token ids without its image/video placeholders: its text as the LLM reads it."""
+    placeholders = [t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None]
+    return ids[~torch.isin(ids, torch.tensor(placeholders, dtype=ids.dtype, device=ids.device))]
+
+
 def eos_token_ids(generation_config) -> list[int]:
     """The ids that end a sequence, as a list (generation configs hold one id, a list, or none)."""
     eos = generation_config.eos_token_id
@@ -149,9 +155,7 @@ class Assembler:
         """The selection given the prompt's token ids: text-aware methods read the embeddings of its text
         tokens as the LLM receives them (the chat template's words included, placeholders left out)."""
         adapter = self.adapter
-        placeholders = [t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None]
-        text_ids = ids[~torch.isin(ids, torch.tensor(placeholders, dtype=ids.dtype))]
-        text = adapter.embed_tokens(text_ids.to(self.device))
+        text = adapter.embed_tokens(text_token_ids(adapter, ids).to(self.device))
         return self.method.select_request(adapter, kinds, tokens, text, record)
 
     # --- splice ------------------------------------------------------------------------------

@@ -283,17 +283,14 @@ def _shapes_evidence(item: Item, o: Obj) -> bool:
 def _shapes_question(rng: random.Random, kind: str, objects: list[Obj]) -> Item | None:
     if kind == "count":
         return Item("tc_shapes", kind, "how many objects are there?", NUMBERS[len(objects)], list(NUMBERS[1:9]))
-    if kind == "color":
-        unique = [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
+    if kind in ("color", "shape"):  # asked by the other attribute, which must name one object alone
+        by = "shape" if kind == "color" else "color"
+        unique = [o for o in objects if sum(getattr(p, by) == getattr(o, by) for p in objects) == 1]
         if not unique:
             return None
         o = rng.choice(unique)
-        return Item("tc_shapes", kind, f"what color is the {o.shape}?", o.color, list(COLORS))
-    if kind == "shape":
-        unique = [o for o in objects if sum(p.color == o.color for p in objects) == 1]
-        if not unique:
-            return None
-        o = rng.choice(unique)
+        if kind == "color":
+            return Item("tc_shapes", kind, f"what color is the {o.shape}?", o.color, list(COLORS))
         return Item("tc_shapes", kind, f"what shape is the {o.color} object?", o.shape, list(SHAPES))
     o = rng.choice(objects)
     centre = IMAGE_SIZE / 2

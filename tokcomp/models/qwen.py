@@ -202,9 +202,9 @@ class Qwen2_5_VLAdapter(VLMAdapter):
                         raise TokcompError(f"the input ids hold more {kind} tokens than the {kind} inputs give")
                     grid = tuple(int(v) for v in grids[unit_index])
                     n_rows = grid[0] * grid[1] * grid[2]
-                    extra = {}
-                    if kind == "video":
-                        extra["seconds_per_grid"] = float(seconds[unit_index]) if seconds is not None else 1.0
+                    # without second_per_grid_ts the stock model counts one second per temporal patch (the default)
+                    timed = kind == "video" and seconds is not None
+                    extra = {"seconds_per_grid": float(seconds[unit_index])} if timed else {}
                     unit = VisualUnit(kind, pixels[row : row + n_rows].to(self.dtype), grid_thw=grid, **extra)
                     count = self._tokens_of(grid)
                     units.append((unit, count))

@@ -25,7 +25,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tokcomp.assemble import text_token_ids
 from tokcomp.data.tasks import COLORS, LABEL_WORDS, ORDINALS, SHAPES, TASKS, Item, make_item
+from tokcomp.errors import TokcompError
 from tokcomp.models.adapters import LlavaOnevisionAdapter
 from tokcomp.models.visual import identity_tokens
 from tokcomp.pipeline import Pipeline, Request
@@ -190,10 +192,6 @@ class AttentionProbe:
         out = probs.to(value.dtype) @ value
         return out.transpose(1, 2).contiguous(), None
 
-    @property
-    def on(self) -> bool:
-        return bool(self.layers)
-
 
 PROBE = AttentionProbe()
 AttentionInterface.register(PROBE_ATTENTION, PROBE)
@@ -252,9 +250,7 @@ def item_evidence(adapter, item: Item, units: list, visual: torch.Tensor) -> lis
 def key_positions(adapter, ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """(L,) bool: the spliced prompt's question words that name what to look up (``KEY_WORDS`` after
     the last picture; the pictures' own names in a multi-image prompt are not the question)."""
-    placeholders = torch.tensor([t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None])
-    text_ids = ids[~torch.isin(ids, placeholders)]
-    words = adapter.tokenizer.convert_ids_to_tokens(text_ids.tolist())
+    words = adapter.tokenizer.convert_ids_to_tokens(text_token_ids(adapter, ids).tolist())
     text_positions = (~visual).nonzero().flatten()
     last_picture = int(visual.nonzero().max()) if visual.any() else -1
     keys = torch.zeros_like(visual)
@@ -318,8 +314,8 @@ def batch_loss(
             masks = item_evidence(adapter, item, unit_list, spliced.visual_unique)
             steps = [(start - 1 + k, where) for k, where in enumerate(masks)]
         evidence.append(steps)
-        keys = key_positions(adapter, ids, spliced.visual_unique) if query_layer is not None else None
-        queries.append([(start - 1, keys)] if keys is not None else [])
+        queries.append([(start - 1, key_positions(adapter, ids, spliced.visual_unique))] if query_layer is not None
+                       else [])  # fmt: skip
     length = max(s.shape[0] for s in seqs)
     embeds = torch.zeros(len(seqs), length, seqs[0].shape[-1])
     mask = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -355,6 +351,11 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 
 
 STATE_FILE = "state.pt"
+# The defaults of the settings the command line may leave out (and of those a state older than them lacks).
+DEFAULTS = {
+    "steps": 5000, "patch_weight": 0.5, "evidence_weight": 0.0, "query_weight": 0.0, "query_layer": 1,
+    "curriculum_steps": 0,
+}  # fmt: skip
 # Settings a resumed run may change (the loss weights and the length of the answer stage).
 RESUME_OVERRIDES = ("steps", "evidence_weight", "query_weight", "query_layer", "patch_weight", "curriculum_steps")
 STAGES = ("encoder", "answer")
@@ -448,15 +449,14 @@ def train(
         if not state_path.exists():
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
         saved = torch.load(state_path, weights_only=False)
-        settings = {"query_weight": 0.0, "query_layer": 1, "curriculum_steps": 0, "curriculum_from": 0,
-                    **saved["settings"]}  # fmt: skip
+        settings = {**DEFAULTS, "curriculum_from": 0, **saved["settings"]}
         log(f"resuming {saved['stage']} step {saved['step']} from {state_path}")
     changed = {k: v for k, v in (overrides or {}).items() if v is not None and settings.get(k) != v}
     if changed and not resume:
-        raise ValueError("overrides apply to a resumed run only")
+        raise TokcompError("overrides apply to a resumed run only")
     unknown = sorted(set(changed) - set(RESUME_OVERRIDES))
     if unknown:
-        raise ValueError(f"cannot change {', '.join(unknown)} on resume (only {', '.join(RESUME_OVERRIDES)})")
+        raise TokcompError(f"cannot change {', '.join(unknown)} on resume (only {', '.join(RESUME_OVERRIDES)})")
     settings = {**settings, **changed}
     if "curriculum_steps" in changed:  # a curriculum switched on mid-run starts where the run resumes
         settings["curriculum_from"] = saved["step"] if saved["stage"] == "answer" else 0
@@ -616,12 +616,6 @@ def _machine() -> str:
     return machine_description()
 
 
-DEFAULTS = {
-    "steps": 5000, "patch_weight": 0.5, "evidence_weight": 0.0, "query_weight": 0.0, "query_layer": 1,
-    "curriculum_steps": 0,
-}  # fmt: skip
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokcomp train-tiny", description="Train tokcomp-tiny on CPU (resumable).")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder (default: checkpoints/tokcomp-tiny)")
@@ -680,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             curve_items=args.curve_items, resume=args.resume, stop_after_minutes=args.stop_after_minutes,
             overrides=given if args.resume else None, log=lambda m: print(m, flush=True),
         )  # fmt: skip
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, TokcompError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
