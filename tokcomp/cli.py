@@ -235,7 +235,7 @@ def calibrate(
     _run_sharded(processes)
     from tokcomp.calibrate import calibrate as run_calibration  # torch: only once the input is known good
     from tokcomp.calibrate import resolve_budget
-    from tokcomp.distributed import join_world
+    from tokcomp.distributed import join_world, leave_world
     from tokcomp.models.loading import load_vlm
 
     world, device = join_world(device)
@@ -260,6 +260,7 @@ def calibrate(
             token_order=token_order,
             on_step=on_step,
         )
+    leave_world(world)
     if not world.is_main:  # every process holds the same thresholds; rank 0 writes them
         return
     result.save(out_path)

@@ -8,6 +8,7 @@ variables, so `accelerate launch -m lmms_eval --model tokcomp ...` runs the same
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -66,6 +67,7 @@ def init_process_group(world: World, device: str) -> None:
     if on_gpu:
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(backend="nccl" if on_gpu else "gloo", rank=world.rank, world_size=world.size)
+    atexit.register(_close_group)  # also on the way out of a failed run
     if not on_gpu:  # share the cores instead of every process taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world.size))
 
@@ -76,6 +78,23 @@ def join_world(device: str) -> tuple[World, str]:
     device = process_device(device, world)
     init_process_group(world, device)
     return world, device
+
+
+def leave_world(world: World) -> None:
+    """This process's part of the run is done: wait for the others, then close the group (a process
+    that exits with the group's threads still running aborts instead of exiting with its code)."""
+    import torch.distributed as dist
+
+    if world.size > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _close_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launch_if_sharded(argv: list[str], processes: int) -> int | None:

@@ -230,7 +230,7 @@ def _is_suite_file(config: dict) -> bool:
 def _simple_evaluate(simple_evaluate, model, configs, manager, request: EvalRequest, staging: Path | None, world):
     """lmms-eval's run (in every process of a multi-process run); the per-sample records of every
     process are gathered into ``model.records`` afterwards."""
-    from tokcomp.distributed import gather_dicts
+    from tokcomp.distributed import gather_dicts, leave_world
 
     bars = contextlib.nullcontext() if request.verbose else _without_lmms_eval_bars()
     try:
@@ -252,6 +252,7 @@ def _simple_evaluate(simple_evaluate, model, configs, manager, request: EvalRequ
     except FileNotFoundError as exc:
         raise TokcompError(f"missing data: {exc}") from None
     model.records = gather_dicts(model.records, world)
+    leave_world(world)  # the last collective: rank 0 writes the run alone
     return raw
 
 
