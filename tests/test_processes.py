@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from cli_runner import run_tokcomp
 
 from tokcomp.distributed import World, current_world, gather_dicts
+from tokcomp.errors import TokcompError
 
 
 def _rows(run: Path) -> dict:
@@ -62,3 +64,17 @@ def test_calibrating_over_two_processes_gives_the_thresholds_of_one(tmp_path, ca
     assert one["thresholds"] == two["thresholds"] and one["achieved"] == two["achieved"]
     assert one["num_images"] == two["num_images"] == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.yaml", "2.yaml"]
+
+
+def test_only_rank_0_probes_the_output_folder(monkeypatch, tmp_path):
+    # Every rank runs the command's checks; two probing one new folder raced (one removed it under the other).
+    from tokcomp.io import ensure_writable_dir
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ensure_writable_dir(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(TokcompError, match="is a file"):
+        ensure_writable_dir(tmp_path / "taken")

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tokcomp.distributed import current_world
 from tokcomp.errors import TokcompError
 
 
@@ -15,8 +16,12 @@ def _probe_folder(folder: Path, target: Path, keep_folders: bool = False) -> Non
     """Create ``folder`` if needed and create and delete a temporary file in it; then remove the folders it
     made unless ``keep_folders``.
 
-    ``os.access`` is not enough: it says yes to root, and under /proc or /sys.
+    ``os.access`` is not enough: it says yes to root, and under /proc or /sys. In a multi-process run
+    only rank 0 writes, so only rank 0 probes (two processes probing one new folder race: one removes
+    the folder the other is about to write in).
     """
+    if not current_world().is_main:
+        return
     missing = []
     for candidate in (folder, *folder.parents):
         if candidate.exists():
