@@ -289,11 +289,16 @@ def test_training_resumes_where_it_stopped_and_adds_up_its_runs(tmp_path):
     assert (state_dir_for(tmp_path / "ckpt") / "state.pt").is_file() and not (tmp_path / "ckpt").exists()
     # the saved settings win, except the loss weights and curriculum given again, which the run records
     # (switched on in the encoder stage, the curriculum starts with the answer stage)
-    assert main([*common, "--resume", "--query-weight", "0.5", "--query-layer", "0", "--curriculum-steps", "2"]) == 0
+    assert main([*common, "--resume", "--query-weight", "0.5", "--query-layer", "0", "--curriculum-steps", "2",
+                 "--bind-weight", "0.3", "--kind-weight", "position=3", "--task-weight", "tc_text=1"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "ckpt" / "training.json").read_text())
     assert report["steps"] == 4 and report["evidence_weight"] == 0.5 and len(report["runs"]) == 2
     assert report["query_weight"] == 0.5 and report["curriculum_from"] == 0 and report["query_layer"] == 0
-    assert report["runs"][1]["changed"] == {"query_weight": 0.5, "query_layer": 0, "curriculum_steps": 2}
+    assert report["bind_layer"] == 0 and report["kind_weights"] == {"position": 3.0}
+    assert report["task_weights"] == {"tc_shapes": 3, "tc_text": 1, "tc_multi": 2, "tc_motion": 2}
+    assert report["runs"][1]["changed"] == {"query_weight": 0.5, "query_layer": 0, "curriculum_steps": 2,
+                                            "bind_weight": 0.3, "kind_weights": {"position": 3.0},
+                                            "task_weights": {"tc_text": 1}}  # fmt: skip
     finished = torch.load(state_dir_for(tmp_path / "ckpt") / "state.pt", weights_only=False)
     assert (finished["stage"], finished["step"], len(finished["runs"])) == ("answer", 4, 2)  # saved at the end too
     assert [c["step"] for c in report["curve"]] == [2, 4] and report["cpu_seconds"] > 0
@@ -318,6 +323,67 @@ def test_a_curriculum_draws_fewer_objects_from_the_same_stream():
             assert (full.question, full.answer) == (default.question, default.answer)
     assert all(make_item("tc_shapes", "train", i, difficulty=0.0).labels[0]["count"].max() <= 2 for i in range(40))
     assert all(len(make_item("tc_multi", "train", i, difficulty=0.0).images) == 2 for i in range(40))
+
+
+def test_kind_weights_ask_some_questions_more_often_and_leave_the_eval_stream_alone():
+    from tokcomp.data.tasks import make_item
+
+    for task in TASKS:
+        for i in range(20):
+            plain, unweighted = make_item(task, "eval", i), make_item(task, "eval", i, kind_weights={})
+            assert (plain.question, plain.answer) == (unweighted.question, unweighted.answer)
+    kinds = [make_item("tc_shapes", "train", i, kind_weights={"position": 6.0}).kind for i in range(300)]
+    assert kinds.count("position") > 150  # 6 of 9 expected (2/3), against 1 in 4 unweighted
+    assert {make_item("tc_multi", "train", i, kind_weights={"match": 0.0}).kind for i in range(60)} == {"which",
+                                                                                                      "count"}
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--kind-weight", "position"), ("--kind-weight", "nosuchkind=2"), ("--kind-weight", "position=x"),
+     ("--kind-weight", "position=-1"), ("--task-weight", "tc_text=0.5"), ("--task-weight", "tc_nothing=1")],
+)  # fmt: skip
+def test_a_bad_weight_is_one_clear_error(flag, value, tmp_path, capsys):
+    from tokcomp.tiny.train import main
+
+    assert main(["--out", str(tmp_path / "c"), "--test-config", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and not (tmp_path / "c").exists()
+
+
+def test_the_binding_loss_pairs_each_picture_with_the_word_naming_it():
+    """In "first <image> second <image> ...", every token of picture k is paired with the ordinal
+    word right before it; pictures cover the visual positions exactly; nothing to bind with one image."""
+    from tokcomp.models.adapters import LlavaOnevisionAdapter
+    from tokcomp.models.visual import identity_tokens
+    from tokcomp.pipeline import Pipeline
+    from tokcomp.tiny.model import TEST_SPEC, build_image_processor, build_model, build_tokenizer
+    from tokcomp.tiny.train import _unit_features, binding_pairs, request_of
+
+    tokenizer = build_tokenizer()
+    adapter = LlavaOnevisionAdapter(build_model(TEST_SPEC, tokenizer).eval(), tokenizer,
+                                    build_image_processor(TEST_SPEC), "t")  # fmt: skip
+    pipe = Pipeline(adapter)
+    for task in ("tc_multi", "tc_shapes"):
+        for item in generate(task, "train", 4):
+            request = request_of(item)
+            units = adapter.prepare_units(list(request.images), None)
+            with torch.no_grad():
+                tokens = [identity_tokens(f, []) for f in _unit_features(adapter, [units])[0]]
+            ids = pipe.prompt_ids(request)
+            spliced = pipe.splice_ids(ids, tokens, [u.kind for u in units])
+            pairs = binding_pairs(adapter, ids, spliced.visual_unique)
+            if task == "tc_shapes":
+                assert pairs == []
+                continue
+            assert len(pairs) == len(item.images)
+            covered = torch.cat([rows for rows, _ in pairs])
+            assert torch.equal(covered, spliced.visual_unique.nonzero().flatten())
+            text_positions = (~spliced.visual_unique).nonzero().flatten().tolist()
+            words = dict(zip(text_positions, tokenizer.convert_ids_to_tokens(
+                [t for t in ids.tolist() if t != adapter.image_token_id]), strict=True))  # fmt: skip
+            assert [words[key] for _, key in pairs] == ["first", "second", "third", "fourth"][: len(item.images)]
+            assert all(key == int(rows[0]) - 1 for rows, key in pairs)
 
 
 def test_the_query_loss_marks_the_question_words_that_name_the_lookup():

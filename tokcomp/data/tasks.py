@@ -254,9 +254,25 @@ def _up_to(low: int, high: int, difficulty: float) -> int:
     return low + round((high - low) * min(max(difficulty, 0.0), 1.0))
 
 
-def make_shapes(rng: random.Random, difficulty: float = 1.0) -> Item:
+def pick_kind(rng: random.Random, kinds: Sequence[str], weights: dict[str, float] | None) -> str:
+    """The question type of an item: uniform (the eval distribution), or by ``weights`` (training only;
+    a kind not named weighs 1)."""
+    if not weights:
+        return rng.choice(kinds)
+    return rng.choices(kinds, [weights.get(k, 1.0) for k in kinds])[0]
+
+
+KINDS = {
+    "tc_shapes": ("color", "shape", "count", "position"),
+    "tc_text": ("read",),
+    "tc_multi": ("which", "match", "count"),
+    "tc_motion": ("direction", "appear", "disappear", "order"),
+}
+
+
+def make_shapes(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
     """Colour, shape, count or position of objects in a scene of 1-8 objects (1-2 at difficulty 0)."""
-    kind = rng.choice(("color", "shape", "count", "position"))
+    kind = pick_kind(rng, KINDS["tc_shapes"], kind_weights)
     while True:
         objects = random_objects(rng, rng.randint(1, _up_to(2, 8, difficulty)))
         item = _shapes_question(rng, kind, objects)
@@ -306,7 +322,7 @@ def _shapes_question(rng: random.Random, kind: str, objects: list[Obj]) -> Item 
 
 
 # --- tc_text ---------------------------------------------------------------------------------
-def make_text(rng: random.Random, difficulty: float = 1.0) -> Item:
+def make_text(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
     """A 3-5 letter string in PIL's built-in font, one letter per cell of a row, on a flat or lightly
     textured background."""
     text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(3, 5)))
@@ -330,11 +346,11 @@ def single_object_image(rng: random.Random, shape: str, color: str) -> tuple[Ima
     return draw_objects(background(rng), [obj]), object_labels([obj])
 
 
-def make_multi(rng: random.Random, difficulty: float = 1.0) -> Item:
+def make_multi(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
     """2-4 images of one object each (2 at difficulty 0): which image shows X, do two images match, how
     many show a shape."""
     n = rng.randint(2, _up_to(2, 4, difficulty))
-    kind = rng.choice(("which", "match", "count"))
+    kind = pick_kind(rng, KINDS["tc_multi"], kind_weights)
     pairs = [(s, c) for s in SHAPES for c in COLORS]
     ordinals = list(ORDINALS[:n])
     if kind == "which":
@@ -377,11 +393,11 @@ def make_multi(rng: random.Random, difficulty: float = 1.0) -> Item:
 
 
 # --- tc_motion -------------------------------------------------------------------------------
-def make_motion(rng: random.Random, difficulty: float = 1.0) -> Item:
+def make_motion(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
     """An 8-16 frame clip: direction of motion, which object appears or disappears, order of events (with
     the fewest objects at difficulty 0)."""
     frames = rng.randint(8, 16)
-    kind = rng.choice(("direction", "appear", "disappear", "order"))
+    kind = pick_kind(rng, KINDS["tc_motion"], kind_weights)
     direction = rng.choice(DIRECTIONS)
     lane = _lane(rng, direction) if kind == "direction" else []
     low = 1 if kind == "direction" else 2
@@ -439,7 +455,7 @@ def _lane_path(lane: Sequence[tuple[int, int]], frames: int) -> list[tuple[float
     return [(cell_centre(lane[k][0]), cell_centre(lane[k][1])) for k in steps]
 
 
-GENERATORS: dict[str, Callable[[random.Random, float], Item]] = {
+GENERATORS: dict[str, Callable[[random.Random, float, dict[str, float] | None], Item]] = {
     "tc_shapes": make_shapes,
     "tc_text": make_text,
     "tc_multi": make_multi,
@@ -447,12 +463,20 @@ GENERATORS: dict[str, Callable[[random.Random, float], Item]] = {
 }
 
 
-def make_item(task: str, split: str, index: int, seed: int = 0, difficulty: float = 1.0) -> Item:
-    """Item ``index`` of a task's split (deterministic); a ``difficulty`` below 1 (training curricula
-    only) draws fewer objects or images from the same stream."""
+def make_item(
+    task: str,
+    split: str,
+    index: int,
+    seed: int = 0,
+    difficulty: float = 1.0,
+    kind_weights: dict[str, float] | None = None,
+) -> Item:
+    """Item ``index`` of a task's split (deterministic); a ``difficulty`` below 1 draws fewer objects or
+    images from the same stream, ``kind_weights`` asks some question types more often (both for
+    training curricula only)."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
-    return GENERATORS[task](item_rng(task, split, seed, index), difficulty)
+    return GENERATORS[task](item_rng(task, split, seed, index), difficulty, kind_weights)
 
 
 def generate(task: str, split: str, n: int, seed: int = 0, start: int = 0) -> list[Item]:

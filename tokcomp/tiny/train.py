@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tokcomp.assemble import text_token_ids
-from tokcomp.data.tasks import COLORS, LABEL_WORDS, ORDINALS, SHAPES, TASKS, Item, make_item
+from tokcomp.data.tasks import COLORS, KINDS, LABEL_WORDS, ORDINALS, SHAPES, TASKS, Item, make_item
 from tokcomp.errors import TokcompError
 from tokcomp.models.adapters import LlavaOnevisionAdapter
 from tokcomp.models.visual import identity_tokens
@@ -260,6 +260,34 @@ def key_positions(adapter, ids: torch.Tensor, visual: torch.Tensor) -> torch.Ten
     return keys
 
 
+def binding_pairs(adapter, ids: torch.Tensor, visual: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """In a multi-image prompt ("first <image> second <image> ..."), each picture's token positions with
+    the position of the ordinal word that names it (the text token right before the picture)."""
+    words = adapter.tokenizer.convert_ids_to_tokens(text_token_ids(adapter, ids).tolist())
+    word_at = dict(zip((~visual).nonzero().flatten().tolist(), words, strict=True))
+    flags = visual.long()
+    starts = ((flags[1:] - flags[:-1]) == 1).nonzero().flatten() + 1
+    pairs = []
+    for start in starts.tolist():
+        end = start
+        while end < visual.shape[0] and visual[end]:
+            end += 1
+        if word_at.get(start - 1) in ORDINALS:
+            pairs.append((torch.arange(start, end), start - 1))
+    return pairs
+
+
+def _binding_loss(probs: torch.Tensor, targets: list[list[tuple[torch.Tensor, int]]]) -> torch.Tensor:
+    """Minus the log of the attention each picture's tokens pay to the word naming the picture, in the
+    first half of the heads, averaged over tokens, then pictures (zero without pictures to bind)."""
+    heads = max(1, probs.shape[1] // 2)
+    attention = probs[:, :heads].mean(dim=1)
+    terms = [
+        -torch.log(attention[b, rows, key] + 1e-6).mean() for b, pairs in enumerate(targets) for rows, key in pairs
+    ]
+    return torch.stack(terms).mean() if terms else probs.new_zeros(())
+
+
 def _attention_loss(probs: torch.Tensor, targets: list[list[tuple[int, torch.Tensor]]]) -> torch.Tensor:
     """Minus the log of the attention mass each (query row, key mask) pays to its keys, averaged over the
     first half of the heads (the others stay free), then over the pairs (zero without pairs)."""
@@ -280,12 +308,15 @@ def batch_loss(
     words: PatchWords | None = None,
     evidence_layer: int | None = None,
     query_layer: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy of the answer tokens (and EOS) given the pictures and the prompt, and three
+    bind_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the answer tokens (and EOS) given the pictures and the prompt, and four
     training-only terms (zero where off): the per-patch word loss (``words``); the evidence loss, the
-    attention each answer step pays in ``evidence_layer`` to the tokens holding its evidence; and the
+    attention each answer step pays in ``evidence_layer`` to the tokens holding its evidence; the
     query loss, the attention the first answer step pays in ``query_layer`` to the question's key words
-    (the two hops of a lookup: gather what is asked, then find it). The probe must be on those layers."""
+    (the two hops of a lookup: gather what is asked, then find it); and the binding loss, the attention
+    each picture of a multi-image prompt pays in ``bind_layer`` to the word naming it (so that its
+    tokens carry "first", "second", ... to whoever reads them). The probe must be on those layers."""
     pipe = Pipeline(adapter)
     tok = adapter.tokenizer
     requests = [request_of(it) for it in items]
@@ -297,7 +328,7 @@ def batch_loss(
         if words is not None
         else projected.new_zeros(())
     )
-    seqs, targets, evidence, queries = [], [], [], []
+    seqs, targets, evidence, queries, bindings = [], [], [], [], []
     for item, req, unit_list, feats in zip(items, requests, units, features, strict=True):
         tokens = [identity_tokens(f, []) for f in feats]
         ids = pipe.prompt_ids(req)
@@ -316,6 +347,7 @@ def batch_loss(
         evidence.append(steps)
         queries.append([(start - 1, key_positions(adapter, ids, spliced.visual_unique))] if query_layer is not None
                        else [])  # fmt: skip
+        bindings.append(binding_pairs(adapter, ids, spliced.visual_unique) if bind_layer is not None else [])
     length = max(s.shape[0] for s in seqs)
     embeds = torch.zeros(len(seqs), length, seqs[0].shape[-1])
     mask = torch.zeros(len(seqs), length, dtype=torch.long)
@@ -331,7 +363,8 @@ def batch_loss(
     zero = answer_loss.new_zeros(())
     evidence_loss = _attention_loss(PROBE.probs[evidence_layer], evidence) if evidence_layer is not None else zero
     query_loss = _attention_loss(PROBE.probs[query_layer], queries) if query_layer is not None else zero
-    return answer_loss, patch_loss, evidence_loss, query_loss
+    bind_loss = _binding_loss(PROBE.probs[bind_layer], bindings) if bind_layer is not None else zero
+    return answer_loss, patch_loss, evidence_loss, query_loss, bind_loss
 
 
 def encoder_loss(adapter: LlavaOnevisionAdapter, items: Sequence[Item], words: PatchWords) -> torch.Tensor:
@@ -354,10 +387,12 @@ STATE_FILE = "state.pt"
 # The defaults of the settings the command line may leave out (and of those a state older than them lacks).
 DEFAULTS = {
     "steps": 5000, "patch_weight": 0.5, "evidence_weight": 0.0, "query_weight": 0.0, "query_layer": 1,
-    "curriculum_steps": 0,
+    "curriculum_steps": 0, "bind_weight": 0.0, "bind_layer": 0, "kind_weights": {},
+    "task_weights": {},
 }  # fmt: skip
-# Settings a resumed run may change (the loss weights and the length of the answer stage).
-RESUME_OVERRIDES = ("steps", "evidence_weight", "query_weight", "query_layer", "patch_weight", "curriculum_steps")
+# Settings a resumed run may change (the loss weights, the data mix and the length of the answer stage).
+RESUME_OVERRIDES = ("steps", "evidence_weight", "query_weight", "query_layer", "patch_weight", "curriculum_steps",
+                    "bind_weight", "bind_layer", "kind_weights", "task_weights")  # fmt: skip
 STAGES = ("encoder", "answer")
 
 
@@ -409,6 +444,10 @@ def train(
     query_weight: float = 0.0,
     query_layer: int = 1,
     curriculum_steps: int = 0,
+    bind_weight: float = 0.0,
+    bind_layer: int = 0,
+    kind_weights: dict[str, float] | None = None,
+    task_weights: dict[str, int] | None = None,
     eval_items: int = 200,
     log_every: int = 20,
     threads: int = 2,
@@ -426,7 +465,10 @@ def train(
     learns to answer, with the per-patch loss kept at ``patch_weight`` and the evidence loss (the last
     layer's attention from each answer step onto the tokens that hold its answer) at
     ``evidence_weight``, and the query loss (layer ``query_layer``'s attention from the first answer
-    step onto the question's key words) at ``query_weight``. With ``curriculum_steps`` the scenes grow
+    step onto the question's key words) at ``query_weight``, and the binding loss (layer ``bind_layer``'s
+    attention from each picture of a multi-image prompt onto the word naming it) at ``bind_weight``;
+    ``kind_weights`` asks some question types more often and ``task_weights`` (over ``TASK_WEIGHTS``)
+    gives some tasks more batches of the rotation. With ``curriculum_steps`` the scenes grow
     from the fewest objects to full difficulty over that many answer steps (counted from where the
     curriculum was switched on). Every ``save_minutes`` the whole
     state (weights, optimizer, data cursor, history, time spent) goes to ``<out>.train/state.pt``;
@@ -442,7 +484,8 @@ def train(
         "seed": seed, "steps": steps, "lr": lr, "warmup": warmup, "spec": spec or TINY_SPEC,
         "batch_scale": batch_scale, "encoder_steps": encoder_steps, "patch_weight": patch_weight,
         "evidence_weight": evidence_weight, "query_weight": query_weight, "query_layer": query_layer,
-        "curriculum_steps": curriculum_steps, "curriculum_from": 0,
+        "curriculum_steps": curriculum_steps, "curriculum_from": 0, "bind_weight": bind_weight,
+        "bind_layer": bind_layer, "kind_weights": dict(kind_weights or {}), "task_weights": dict(task_weights or {}),
     }  # fmt: skip
     saved = None
     if resume:
@@ -473,8 +516,10 @@ def train(
     words = PatchWords(tokenizer)
     evidence_layer = spec["text"]["num_hidden_layers"] - 1 if settings.get("evidence_weight", 0.0) else None
     query_layer = settings["query_layer"] if settings["query_weight"] else None
+    bind_layer = settings["bind_layer"] if settings["bind_weight"] else None
     model.train()
-    rotation = task_schedule(TASK_WEIGHTS)
+    task_weights = {**TASK_WEIGHTS, **settings["task_weights"]}
+    rotation = task_schedule(task_weights)
     progress = saved or {
         "stage": STAGES[0], "step": 0, "cursor": dict.fromkeys(TASKS, 0), "history": [], "curve": [],
         "cpu_seconds": 0.0, "wall_seconds": 0.0, "runs": [],
@@ -501,7 +546,8 @@ def train(
     def next_items(task: str, scale: float) -> list[Item]:
         size = max(1, round(BATCH_SIZES[task] * settings["batch_scale"] * scale))
         level = difficulty()
-        items = [make_item(task, "train", cursor[task] + i, settings["seed"], level) for i in range(size)]
+        kinds = settings["kind_weights"] or None
+        items = [make_item(task, "train", cursor[task] + i, settings["seed"], level, kinds) for i in range(size)]
         cursor[task] += size
         return items
 
@@ -512,11 +558,16 @@ def train(
     def answer_step(task: str):
         weight, evidence_weight = settings["patch_weight"], settings.get("evidence_weight", 0.0)
         items = next_items(task, 1.0)
-        answer, patch, evidence, query = batch_loss(adapter, items, words if weight else None, evidence_layer,
-                                                    query_layer)  # fmt: skip
+        answer, patch, evidence, query, bind = batch_loss(adapter, items, words if weight else None, evidence_layer,
+                                                          query_layer, bind_layer)  # fmt: skip
         loss = answer + weight * patch + evidence_weight * evidence + settings["query_weight"] * query
+        loss = loss + settings["bind_weight"] * bind
         parts = {task: answer.item(), "patch": patch.item(), f"evidence/{task}": evidence.item()}
-        return loss, {**parts, **({f"query/{task}": query.item()} if query_layer is not None else {})}
+        if query_layer is not None:
+            parts[f"query/{task}"] = query.item()
+        if bind_layer is not None and task == "tc_multi":
+            parts["bind"] = bind.item()
+        return loss, parts
 
     seeing = torch.nn.ModuleList(
         [model.model.vision_tower, model.model.multi_modal_projector, model.get_input_embeddings()]
@@ -535,7 +586,7 @@ def train(
         })  # fmt: skip
 
     last_save = time.perf_counter()
-    with probing(adapter, [layer for layer in (evidence_layer, query_layer) if layer is not None]):
+    with probing(adapter, [layer for layer in (evidence_layer, query_layer, bind_layer) if layer is not None]):
         for name in STAGES[STAGES.index(progress["stage"]) :]:
             n, params, step_loss = stage_plan[name]
             optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.98))
@@ -584,8 +635,9 @@ def train(
         **{k: v for k, v in settings.items() if k != "batch_scale"},
         "evidence_layer": evidence_layer,
         "query_layer": query_layer,
+        "bind_layer": bind_layer,
         "batch_sizes": {t: max(1, round(b * settings["batch_scale"])) for t, b in BATCH_SIZES.items()},
-        "task_weights": TASK_WEIGHTS,
+        "task_weights": task_weights,
         "items_seen": cursor,
         "train_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
@@ -608,6 +660,26 @@ def train(
     plot_curve(report, out / "training-curve.png")
     write_model_card(report, out / "README.md")
     return report
+
+
+KIND_NAMES = tuple(sorted({k for kinds in KINDS.values() for k in kinds}))  # "count": tc_shapes' and tc_multi's
+
+
+def parse_weights(values: Sequence[str], flag: str, known: Sequence[str], kind: type) -> dict:
+    """``["position=3", "which=2"]`` as {name: weight}; names from ``known``, weights of type ``kind``, >= 0."""
+    weights = {}
+    for value in values:
+        name, sep, weight = value.partition("=")
+        if not sep or name not in known:
+            raise TokcompError(f"{flag} takes NAME=W with NAME one of {', '.join(known)}; got '{value}'")
+        try:
+            weights[name] = kind(weight)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise TokcompError(f"{flag} {value}: the weight must be {what}") from None
+        if weights[name] < 0:
+            raise TokcompError(f"{flag} {value}: the weight must not be negative")
+    return weights
 
 
 def _machine() -> str:
@@ -644,6 +716,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--curriculum-steps", type=int,
                         help="grow the scenes from the fewest objects to full difficulty over N answer steps "
                              "(default 0: full difficulty throughout)")  # fmt: skip
+    parser.add_argument("--bind-weight", type=float,
+                        help="weight of the binding loss: each picture of a multi-image prompt attends to the word "
+                             "naming it in --bind-layer (default 0: off)")  # fmt: skip
+    parser.add_argument("--bind-layer", type=int, help=f"layer of the binding loss (default {DEFAULTS['bind_layer']})")
+    parser.add_argument("--kind-weight", action="append", metavar="KIND=W", dest="kind_weights",
+                        help="ask this question type W times as often in training (repeatable; e.g. position=3)")
+    parser.add_argument("--task-weight", action="append", metavar="TASK=N", dest="task_weights",
+                        help=f"give this task N batches per rotation (repeatable; default {TASK_WEIGHTS})")
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every task's batch size")
     parser.add_argument("--eval-items", type=int, default=200, help="eval items per task after training (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -660,16 +740,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stop-after-minutes", type=float, default=0.0, help="save the state and stop after N minutes")
     parser.add_argument("--test-config", action="store_true", help="a very small model (for smoke tests)")
     args = parser.parse_args(argv)
-    given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
-    chosen = {**DEFAULTS, **given}
     try:
+        if args.kind_weights is not None:
+            args.kind_weights = parse_weights(args.kind_weights, "--kind-weight", KIND_NAMES, float)
+        if args.task_weights is not None:
+            args.task_weights = parse_weights(args.task_weights, "--task-weight", TASKS, int)
+        given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
+        chosen = {**DEFAULTS, **given}
         train(
             args.out, chosen["steps"], seed=args.seed, lr=args.lr, warmup=args.warmup,
             spec=TEST_SPEC if args.test_config else TINY_SPEC, batch_scale=args.batch_scale,
             encoder_steps=args.encoder_steps, patch_weight=chosen["patch_weight"],
             evidence_weight=chosen["evidence_weight"], query_weight=chosen["query_weight"],
             query_layer=chosen["query_layer"], curriculum_steps=chosen["curriculum_steps"],
-            eval_items=args.eval_items, log_every=args.log_every,
+            bind_weight=chosen["bind_weight"], bind_layer=chosen["bind_layer"], kind_weights=chosen["kind_weights"],
+            task_weights=chosen["task_weights"], eval_items=args.eval_items, log_every=args.log_every,
             threads=args.threads, save_minutes=args.save_minutes, curve_every=args.curve_every,
             curve_items=args.curve_items, resume=args.resume, stop_after_minutes=args.stop_after_minutes,
             overrides=given if args.resume else None, log=lambda m: print(m, flush=True),
