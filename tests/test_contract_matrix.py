@@ -23,7 +23,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from tokcomp.methods import selection as S
 from tokcomp.methods.dtome import encoder_layers
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
-from tokcomp.methods.pruning import DivPrune, FastVPruning
+from tokcomp.methods.fastv import FastVPruning
+from tokcomp.methods.pruning import DivPrune
 from tokcomp.methods.registry import METHODS, build_method
 from tokcomp.pipeline import Pipeline, Request
 
@@ -37,7 +38,7 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
     "dycoke": ({"K": "0", "P": "0"},
                ["tokcomp.methods.dycoke:ttm_select", "tokcomp.methods.dycoke:DynamicPruning._observe"]),
     "adaptive": ({"rho": "1"}, ["tokcomp.methods.pruning:adaptive_select"]),
-    "fastv": ({"R": "1"}, ["tokcomp.methods.pruning:FastVPruning._rank"]),
+    "fastv": ({"R": "1"}, ["tokcomp.methods.fastv:FastVPruning._rank"]),
     "random": ({"ratio": "1"}, ["tokcomp.methods.pruning:RandomPruning.score"]),
     "divprune": ({"ratio": "1"}, ["tokcomp.methods.pruning:DivPrune.score"]),
     # every token left after the dominant ones is a contextual centre of its own: nothing merges

@@ -156,6 +156,9 @@ class StockBridge:
         hooks = method.attention_hooks(batch.visual_full if use_vtu else batch.visual_unique, kwargs.get("cache"))
         call.hooks = hooks
         prefill_hooks = [h for h in hooks if h.active_in_prefill]
+        if len(hooks) > 1 and any(h.cuts_sequence for h in hooks):
+            raise TokcompError(f"{method.label}: a method that cuts the sequence inside the LLM (fastv) cannot be "
+                               "combined with other LLM-side methods yet")  # fmt: skip
         if use_vtu and any(not h.keeps_everything for h in prefill_hooks):  # keeping everything prunes nothing
             raise TokcompError(f"{method.name}: VTU cannot be combined with pruning inside the prefill")
         if use_vtu:
@@ -170,6 +173,8 @@ class StockBridge:
             if prefill_hooks:
                 run = LLMRun(hooks=prefill_hooks, prefill_valid=batch.unique_valid)
                 call.context.enter_context(use_attention(lm, run))
+                for hook in prefill_hooks:
+                    call.context.enter_context(hook.attach(lm))
             positions = batch.position_ids()
         self.call = call
         self.calls.append(call)

@@ -100,7 +100,11 @@ def _flop_counts(adapter, result: Generation, new_tokens: int) -> dict[str, floa
         start = views * (adapter.num_patches + adapter.protected)
         vision_total += flops.vision_flops(counts, start, vision.hidden_size, vision.intermediate_size)
     tokens, attended = acc.prompt_tokens_kept, acc.prompt_tokens_kept + (acc.visual_positions - acc.visual_kept)
-    prefill_llm = layers * flops.llm_layer_prefill(tokens, attended, text) + flops.lm_head(text.hidden_size, vocab)
+    cut_layer, dropped = acc.llm_drop  # FastV: from that layer on, that many tokens fewer
+    full_layers = min(cut_layer, layers) if dropped else layers
+    prefill_llm = (full_layers * flops.llm_layer_prefill(tokens, attended, text)
+                   + (layers - full_layers) * flops.llm_layer_prefill(tokens - dropped, attended - dropped, text)
+                   + flops.lm_head(text.hidden_size, vocab))  # fmt: skip
     text_tokens = acc.prompt_tokens_full - acc.visual_full
     keys = text_tokens + acc.decode_visual_attended + new_tokens / 2
     decode = layers * flops.llm_layer_decode(keys, text) + flops.lm_head(text.hidden_size, vocab)

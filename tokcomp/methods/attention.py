@@ -1,7 +1,8 @@
 """tokcomp's attention function, registered with transformers' ``AttentionInterface``.
 
 The pipeline switches the language model to it only for the phases that need it: a VTU prefill
-(expansion to the full length, see ``vtu.py``), a prefill with attention hooks (FastV), and
+(expansion to the full length, see ``vtu.py``), a prefill with attention hooks (FastV, which also
+hooks the decoder layers to cut the sequence between them: ``AttentionHook.attach``), and
 decoding with attention hooks (DyCoke's dynamic KV pruning, FastV). A hooked prefill starts from
 the stock sdpa mask and stock sdpa call, so layers a hook leaves alone compute exactly what they
 would without it; hooks that keep everything (a keep ratio of 1) still run their scoring but leave
@@ -13,7 +14,7 @@ function receives Q/K/V after RoPE and after the cache update, as every stock at
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class AttentionHook:
     """
 
     active_in_prefill: bool = False
+    # Whether the hook cuts tokens out of the sequence between layers (later layers' caches are shorter)
+    cuts_sequence: bool = False
 
     @property
     def keeps_everything(self) -> bool:
@@ -55,6 +58,11 @@ class AttentionHook:
     def start_step(self, active: torch.Tensor) -> None:
         """Called before each decoding step with the requests (B,) still generating; per-request
         statistics count only those steps, so a request reports the same numbers in any batch."""
+
+    def attach(self, language_model: nn.Module) -> AbstractContextManager:
+        """Hooks on the language model's decoder layers for this call's prefill (FastV's cut of the
+        sequence between layers); removed when the prefill's forward returns. Default: none."""
+        return nullcontext()
 
     def prefill(self, module: nn.Module, query, key, value, mask, scaling, valid):
         """Return the boolean mask (B, 1, Q, K) for this layer's prefill; ``mask`` may be None (causal)."""

@@ -1,4 +1,4 @@
-"""Pruning methods: a scorer base class, random, DivPrune, adaptive multi-image pruning, FastV.
+"""Pruning methods before the LLM: a scorer base class, random, DivPrune, adaptive multi-image pruning.
 
 Pre-LLM pruners drop visual positions before the language model; the tokens they keep keep their
 stock position ids (and image order), so the LLM sees exactly the stock sequence with gaps.
@@ -7,7 +7,6 @@ stock position ids (and image order), so the LLM sees exactly the stock sequence
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -15,7 +14,6 @@ import torch
 
 from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
-from tokcomp.methods.attention import AttentionHook, causal_mask
 from tokcomp.methods.base import Method
 from tokcomp.methods.settings import register
 from tokcomp.models.visual import UnitTokens, select_positions
@@ -280,93 +278,3 @@ class Adaptive(Method):
                 "per_image_budget": plan.per_image_budget,
             }
         }
-
-
-# --- FastV -------------------------------------------------------------------------------------
-@dataclass
-class FastVPruning(AttentionHook):
-    """Inside the LLM: after layer K-1, keep the visual tokens the last token attends to most.
-
-    A keep share of 1 ranks and keeps every visual token and leaves the attention stock.
-    """
-
-    layer: int
-    keep: float
-    visual: torch.Tensor  # (B, L) bool over the LLM input
-    num_layers: int = 0
-    kept: torch.Tensor | None = None
-    active_in_prefill: bool = True
-    seconds: float = 0.0  # the hook's own work (the probe and the masks)
-
-    @property
-    def keeps_everything(self) -> bool:
-        return self.keep >= 1
-
-    def attended_per_sample(self) -> list[float]:
-        """Visual keys per layer (mean over layers): all below K, the kept ones from K on."""
-        total = self.visual.sum(1).float()
-        if self.kept is None or not self.num_layers:
-            return total.tolist()
-        kept = self.kept.sum(1).float()
-        return ((self.layer * total + (self.num_layers - self.layer) * kept) / self.num_layers).tolist()
-
-    def prefill(self, module, query, key, value, mask, scaling, valid):
-        start = time.perf_counter()
-        try:
-            return self._prefill(module, query, key, value, mask, scaling, valid)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def _prefill(self, module, query, key, value, mask, scaling, valid):
-        index = module.layer_idx
-        if index == self.layer - 1:
-            self._rank(query, key, valid, scaling)
-        if index < self.layer or self.kept is None or self.keeps_everything:
-            return mask
-        allowed = ~self.visual | self.kept
-        full = causal_mask(valid) if mask is None else mask.bool()
-        eye = torch.eye(full.shape[-1], dtype=torch.bool, device=full.device)
-        return (full & allowed[:, None, None, :]) | eye  # a pruned token still sees itself (no NaN)
-
-    def _rank(self, query, key, valid, scaling) -> None:
-        groups = query.shape[1] // key.shape[1]
-        keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        logits = (query[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scaling
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        received = logits.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, L): attention from the last token
-        self.kept = torch.zeros_like(self.visual)
-        for b in range(self.visual.shape[0]):
-            count = int(self.visual[b].sum())
-            k = max(1, round(self.keep * count)) if count else 0
-            scores = received[b].masked_fill(~self.visual[b], float("-inf"))
-            if k:
-                self.kept[b, S.top_k_stable(scores, k)] = True
-
-    def decode(self, module, query, key, value, key_valid, scaling):
-        if module.layer_idx < self.layer or self.kept is None:
-            return key, value, key_valid
-        extra = key_valid.shape[1] - self.visual.shape[1]
-        allowed = torch.cat([~self.visual | self.kept, torch.ones_like(key_valid[:, :extra])], dim=1)
-        return key, value, key_valid & allowed
-
-
-@register
-@dataclass
-class FastV(Method):
-    """FastV (ECCV 2024): at LLM layer ``layer`` (the paper's K) drop all but the ``keep`` share (R) of
-    visual tokens, ranked by the attention the last token pays them at the layer before. Layers below
-    are untouched; positions are kept."""
-
-    name: ClassVar[str] = "fastv"
-    aliases: ClassVar[dict[str, str]] = {"K": "layer", "R": "keep"}
-    layer: int = 2
-    keep: float = 0.5
-
-    def check(self, adapter: VLMAdapter) -> None:
-        _check_ratio("fastv", self.keep)
-        layers = adapter.language_model.config.num_hidden_layers
-        if not 1 <= self.layer < layers:
-            raise TokcompError(f"fastv: layer (K) must be between 1 and {layers - 1} for this {layers}-layer LLM")
-
-    def attention_hooks(self, visual, cache):
-        return [FastVPruning(layer=self.layer, keep=self.keep, visual=visual, num_layers=len(cache.layers))]
