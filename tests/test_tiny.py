@@ -351,69 +351,68 @@ def test_a_bad_weight_is_one_clear_error(flag, value, tmp_path, capsys):
     assert err.count("\n") == 1 and flag in err and not (tmp_path / "c").exists()
 
 
-def test_the_binding_loss_pairs_each_picture_with_the_word_naming_it():
-    """In "first <image> second <image> ...", every token of picture k is paired with the ordinal
-    word right before it; pictures cover the visual positions exactly; nothing to bind with one image."""
+def _spliced_prompts(tasks, n):
+    """A tiny untrained adapter and, per item of ``tasks``, (item, prompt ids, spliced prompt) as
+    training builds them."""
     from tokcomp.models.adapters import LlavaOnevisionAdapter
     from tokcomp.models.visual import identity_tokens
     from tokcomp.pipeline import Pipeline
     from tokcomp.tiny.model import TEST_SPEC, build_image_processor, build_model, build_tokenizer
-    from tokcomp.tiny.train import _unit_features, binding_pairs, request_of
+    from tokcomp.tiny.train import _unit_features, request_of
 
     tokenizer = build_tokenizer()
     adapter = LlavaOnevisionAdapter(build_model(TEST_SPEC, tokenizer).eval(), tokenizer,
                                     build_image_processor(TEST_SPEC), "t")  # fmt: skip
     pipe = Pipeline(adapter)
-    for task in ("tc_multi", "tc_shapes"):
-        for item in generate(task, "train", 4):
+    out = []
+    for task in tasks:
+        for item in generate(task, "train", n):
             request = request_of(item)
             units = adapter.prepare_units(list(request.images), None)
             with torch.no_grad():
                 tokens = [identity_tokens(f, []) for f in _unit_features(adapter, [units])[0]]
             ids = pipe.prompt_ids(request)
-            spliced = pipe.splice_ids(ids, tokens, [u.kind for u in units])
-            pairs = binding_pairs(adapter, ids, spliced.visual_unique)
-            if task == "tc_shapes":
-                assert pairs == []
-                continue
-            assert len(pairs) == len(item.images)
-            covered = torch.cat([rows for rows, _ in pairs])
-            assert torch.equal(covered, spliced.visual_unique.nonzero().flatten())
-            text_positions = (~spliced.visual_unique).nonzero().flatten().tolist()
-            words = dict(zip(text_positions, tokenizer.convert_ids_to_tokens(
-                [t for t in ids.tolist() if t != adapter.image_token_id]), strict=True))  # fmt: skip
-            assert [words[key] for _, key in pairs] == ["first", "second", "third", "fourth"][: len(item.images)]
-            assert all(key == int(rows[0]) - 1 for rows, key in pairs)
+            out.append((item, ids, pipe.splice_ids(ids, tokens, [u.kind for u in units])))
+    return adapter, out
+
+
+def test_the_binding_loss_pairs_each_picture_with_the_word_naming_it():
+    """In "first <image> second <image> ...", every token of picture k is paired with the ordinal
+    word right before it; pictures cover the visual positions exactly; nothing to bind with one image."""
+    from tokcomp.tiny.train import binding_pairs
+
+    adapter, prompts = _spliced_prompts(("tc_multi", "tc_shapes"), 4)
+    tokenizer = adapter.tokenizer
+    for item, ids, spliced in prompts:
+        pairs = binding_pairs(adapter, ids, spliced.visual_unique)
+        if item.task == "tc_shapes":
+            assert pairs == []
+            continue
+        assert len(pairs) == len(item.images)
+        covered = torch.cat([rows for rows, _ in pairs])
+        assert torch.equal(covered, spliced.visual_unique.nonzero().flatten())
+        text_positions = (~spliced.visual_unique).nonzero().flatten().tolist()
+        words = dict(zip(text_positions, tokenizer.convert_ids_to_tokens(
+            [t for t in ids.tolist() if t != adapter.image_token_id]), strict=True))  # fmt: skip
+        assert [words[key] for _, key in pairs] == ["first", "second", "third", "fourth"][: len(item.images)]
+        assert all(key == int(rows[0]) - 1 for rows, key in pairs)
 
 
 def test_the_query_loss_marks_the_question_words_that_name_the_lookup():
     """Key words are the question's colour, shape and ordinal words after the last picture, never the
     pictures' own names ("first <image> second <image> ...")."""
-    from tokcomp.models.adapters import LlavaOnevisionAdapter
-    from tokcomp.models.visual import identity_tokens
-    from tokcomp.pipeline import Pipeline
-    from tokcomp.tiny.model import TEST_SPEC, build_image_processor, build_model, build_tokenizer
-    from tokcomp.tiny.train import _unit_features, key_positions, request_of
+    from tokcomp.tiny.train import key_positions
 
-    tokenizer = build_tokenizer()
-    adapter = LlavaOnevisionAdapter(build_model(TEST_SPEC, tokenizer).eval(), tokenizer,
-                                    build_image_processor(TEST_SPEC), "t")  # fmt: skip
-    pipe = Pipeline(adapter)
+    adapter, prompts = _spliced_prompts(("tc_shapes", "tc_multi", "tc_text"), 12)
+    tokenizer = adapter.tokenizer
     found = {}
-    for task in ("tc_shapes", "tc_multi", "tc_text"):
-        for item in generate(task, "train", 12):
-            request = request_of(item)
-            units = adapter.prepare_units(list(request.images), None)
-            with torch.no_grad():
-                tokens = [identity_tokens(f, []) for f in _unit_features(adapter, [units])[0]]
-            ids = pipe.prompt_ids(request)
-            spliced = pipe.splice_ids(ids, tokens, [u.kind for u in units])
-            keys = key_positions(adapter, ids, spliced.visual_unique)
-            assert not (keys & spliced.visual_unique).any()
-            text = [t for t in ids.tolist() if t != adapter.image_token_id]
-            words = tokenizer.convert_ids_to_tokens(text)
-            marked = [w for w, k in zip(words, keys[~spliced.visual_unique], strict=True) if k]
-            found[item.question] = marked
+    for item, ids, spliced in prompts:
+        keys = key_positions(adapter, ids, spliced.visual_unique)
+        assert not (keys & spliced.visual_unique).any()
+        text = [t for t in ids.tolist() if t != adapter.image_token_id]
+        words = tokenizer.convert_ids_to_tokens(text)
+        marked = [w for w, k in zip(words, keys[~spliced.visual_unique], strict=True) if k]
+        found[item.question] = marked
     assert found["what color is the diamond?"] == ["diamond"]
     assert found["which image shows a red square?"] == ["red", "square"]
     assert all(v == [] for q, v in found.items() if q in ("read the text.", "what does the text say?"))
