@@ -24,7 +24,7 @@ from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
 from tokcomp.methods.attention import AttentionHook, causal_mask
 from tokcomp.methods.base import Method
-from tokcomp.methods.settings import register
+from tokcomp.methods.settings import check_ratio, register
 
 if TYPE_CHECKING:
     from tokcomp.models.adapters import VLMAdapter
@@ -198,8 +198,7 @@ class FastV(Method):
     keep: float = 0.5
 
     def check(self, adapter: VLMAdapter) -> None:
-        if not 0 < self.keep <= 1:
-            raise TokcompError(f"fastv: keep ratio must be in (0, 1], got {self.keep}")
+        check_ratio("fastv", self.keep)
         layers = adapter.language_model.config.num_hidden_layers
         if not 1 <= self.layer < layers:
             raise TokcompError(f"fastv: layer (K) must be between 1 and {layers - 1} for this {layers}-layer LLM")

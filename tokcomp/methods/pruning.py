@@ -15,16 +15,11 @@ import torch
 from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
 from tokcomp.methods.base import Method
-from tokcomp.methods.settings import register
+from tokcomp.methods.settings import check_ratio, register
 from tokcomp.models.visual import UnitTokens, select_positions
 
 if TYPE_CHECKING:
     from tokcomp.models.adapters import VLMAdapter
-
-
-def _check_ratio(name: str, value: float) -> None:
-    if not 0 < value <= 1:
-        raise TokcompError(f"{name}: keep ratio must be in (0, 1], got {value}")
 
 
 @dataclass
@@ -39,7 +34,7 @@ class TokenScorer(Method):
     ratio: float = 0.25
 
     def check(self, adapter: VLMAdapter) -> None:
-        _check_ratio(self.name, self.ratio)
+        check_ratio(self.name, self.ratio)
 
     @property
     def keeps_positions(self) -> bool:
@@ -233,7 +228,7 @@ class Adaptive(Method):
     pool: float = 2.0
 
     def check(self, adapter: VLMAdapter) -> None:
-        _check_ratio("adaptive", self.rho)
+        check_ratio("adaptive", self.rho)
         if not 0 <= self.floor <= 1 or not 0 < self.tau <= 1 or self.pool < 1:
             raise TokcompError("adaptive: floor in [0, 1], tau in (0, 1], pool >= 1")
 

@@ -14,6 +14,12 @@ from tokcomp.errors import TokcompError
 REGISTERED: dict[str, type] = {}
 
 
+def check_ratio(name: str, value: float) -> None:
+    """A keep share must be in (0, 1]: one clear error otherwise."""
+    if not 0 < value <= 1:
+        raise TokcompError(f"{name}: keep ratio must be in (0, 1], got {value}")
+
+
 def register(cls: type) -> type:
     """Class decorator: make a method available by its ``name`` (CLI, presets, ``tokcomp.method``)."""
     name = cls.name

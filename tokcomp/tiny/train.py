@@ -247,14 +247,18 @@ def item_evidence(adapter, item: Item, units: list, visual: torch.Tensor) -> lis
     return steps
 
 
+def _text_words(adapter, ids: torch.Tensor, visual: torch.Tensor) -> dict[int, str]:
+    """The spliced prompt's text positions with their words (``visual`` marks the pictures' positions)."""
+    words = adapter.tokenizer.convert_ids_to_tokens(text_token_ids(adapter, ids).tolist())
+    return dict(zip((~visual).nonzero().flatten().tolist(), words, strict=True))
+
+
 def key_positions(adapter, ids: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """(L,) bool: the spliced prompt's question words that name what to look up (``KEY_WORDS`` after
     the last picture; the pictures' own names in a multi-image prompt are not the question)."""
-    words = adapter.tokenizer.convert_ids_to_tokens(text_token_ids(adapter, ids).tolist())
-    text_positions = (~visual).nonzero().flatten()
     last_picture = int(visual.nonzero().max()) if visual.any() else -1
     keys = torch.zeros_like(visual)
-    for position, word in zip(text_positions.tolist(), words, strict=True):
+    for position, word in _text_words(adapter, ids, visual).items():
         if position > last_picture and word in KEY_WORDS:
             keys[position] = True
     return keys
@@ -263,18 +267,11 @@ def key_positions(adapter, ids: torch.Tensor, visual: torch.Tensor) -> torch.Ten
 def binding_pairs(adapter, ids: torch.Tensor, visual: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     """In a multi-image prompt ("first <image> second <image> ..."), each picture's token positions with
     the position of the ordinal word that names it (the text token right before the picture)."""
-    words = adapter.tokenizer.convert_ids_to_tokens(text_token_ids(adapter, ids).tolist())
-    word_at = dict(zip((~visual).nonzero().flatten().tolist(), words, strict=True))
-    flags = visual.long()
-    starts = ((flags[1:] - flags[:-1]) == 1).nonzero().flatten() + 1
-    pairs = []
-    for start in starts.tolist():
-        end = start
-        while end < visual.shape[0] and visual[end]:
-            end += 1
-        if word_at.get(start - 1) in ORDINALS:
-            pairs.append((torch.arange(start, end), start - 1))
-    return pairs
+    word_at = _text_words(adapter, ids, visual)
+    edges = torch.diff(F.pad(visual.long(), (1, 1)))  # +1 where a picture starts, -1 just after it ends
+    starts, ends = (edges == 1).nonzero().flatten().tolist(), (edges == -1).nonzero().flatten().tolist()
+    return [(torch.arange(start, end), start - 1) for start, end in zip(starts, ends, strict=True)
+            if word_at.get(start - 1) in ORDINALS]  # fmt: skip
 
 
 def _binding_loss(probs: torch.Tensor, targets: list[list[tuple[torch.Tensor, int]]]) -> torch.Tensor:
