@@ -83,3 +83,29 @@ def test_real_shapes_have_the_released_layer_sizes():
 def test_bad_inputs_are_refused(spec):
     with pytest.raises(TokcompError):
         parse_input(spec)
+
+
+def test_whole_model_prefill_charges_layers_before_the_cut_at_the_plain_time():
+    from tokcomp.benchmark.bench import whole_model_prefill
+
+    # no cut: every layer at the measured mean
+    assert whole_model_prefill(8.0, 8.0, used=4, real=32) == pytest.approx(64.0)
+    # plain 2 ms a layer; the method's 2 layers after the cut at K=2 take 1 ms each (6 ms measured)
+    assert whole_model_prefill(6.0, 8.0, used=4, real=32, cut=2) == pytest.approx(2 * 2 + 30 * 1)
+    # a cut that saves nothing extrapolates to the plain whole model, and one outside the run is ignored
+    assert whole_model_prefill(8.0, 8.0, used=4, real=32, cut=2) == pytest.approx(64.0)
+    assert whole_model_prefill(6.0, 8.0, used=4, real=32, cut=4) == pytest.approx(48.0)
+
+
+def test_bench_extrapolates_fastv_with_its_cut(tmp_path, capsys):
+    out = tmp_path / "fastv.json"
+    argv = ["bench", "--model", "llava-ov-0.5b-shape", "--llm-layers", "3", "--vision-layers", "1",
+            "--method", "fastv", "--input", "image", "--repeat", "1", "--warmup", "0",
+            "--max-new-tokens", "2", "--no-memory", "--out", str(out)]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    metrics = json.loads(out.read_text())["metrics"]
+    for key in ("prefill_whole_model_ms", "ttft_whole_model_ms", "decode_per_token_whole_model_ms"):
+        assert "layers 0-1 at the plain per-layer time, layers 2-23" in metrics[key]["note"], key
+    assert metrics["visual_tokens"]["method"] == metrics["visual_tokens"]["full"]  # FastV cuts inside the LLM
+    assert metrics["flops_prefill"]["ratio"] < 1

@@ -250,8 +250,9 @@ def run_bench(
         add(f"{key}_ms", med("full", key), med("method", key), "ms", partial if key in PER_ENCODER else "")
     add("prefill_per_layer_ms", med("full", "prefill") / used_layers,
         med("method", "prefill") / used_layers, "ms", "measured prefill / decoder layers run")  # fmt: skip
-    _add_extrapolations(add, med, (used_layers, real_layers), (used_vision, real_vision))
     full_acc, method_acc = last["full"].account, last["method"].account
+    cut_layer = method_acc.llm_drop[0] if method_acc.llm_drop[1] else 0
+    _add_extrapolations(add, med, (used_layers, real_layers), (used_vision, real_vision), cut_layer)
     add("visual_tokens", full_acc.visual_full, method_acc.visual_kept, "tokens", "method: distinct tokens into prefill")
     add("visual_positions", full_acc.visual_positions, method_acc.visual_positions, "positions")
     add("decode_visual_attended", full_acc.decode_visual_attended, method_acc.decode_visual_attended, "keys/layer/step")
@@ -296,25 +297,47 @@ def run_bench(
     }
 
 
-def _add_extrapolations(add, med, llm: tuple[int, int], vision: tuple[int, int]) -> None:
-    """Whole-model times from the per-layer ones, for real shapes run with fewer (used, real) layers."""
-    scale, vision_scale = llm[1] / llm[0], vision[1] / vision[0]
+def whole_model_prefill(measured: float, full_measured: float, used: int, real: int, cut: int = 0) -> float:
+    """Prefill of all ``real`` decoder layers from a run of ``used`` layers.
+
+    Without a cut every layer costs the measured mean. A method that shortens the sequence after layer
+    ``cut`` (FastV) runs layers below it on the full sequence: those are charged at the plain run's
+    per-layer time, and the rest of the measured time, spread over the ``used - cut`` shortened layers,
+    gives the time of each of the ``real - cut`` shortened layers of the whole model."""
+    if not 0 < cut < used:
+        return measured * real / used
+    full_per_layer = full_measured / used
+    cut_per_layer = max(0.0, measured - cut * full_per_layer) / (used - cut)
+    return cut * full_per_layer + (real - cut) * cut_per_layer
+
+
+def _add_extrapolations(add, med, llm: tuple[int, int], vision: tuple[int, int], cut: int = 0) -> None:
+    """Whole-model times from the per-layer ones, for real shapes run with fewer (used, real) layers.
+
+    ``cut``: the decoder layer from which the method's sequence is shorter (0: none)."""
+    (used, real), vision_scale = llm, vision[1] / vision[0]
     if vision[0] != vision[1]:
         add("vision_per_layer_ms", med("full", "vision") / vision[0], med("method", "vision") / vision[0], "ms",
             "measured vision time / encoder layers run")  # fmt: skip
         add("vision_whole_model_ms", med("full", "vision") * vision_scale, med("method", "vision") * vision_scale,
             "ms", f"extrapolated: measured per-layer time x {vision[1]} encoder layers")  # fmt: skip
-    if llm[0] != llm[1]:
-        add("prefill_whole_model_ms", med("full", "prefill") * scale, med("method", "prefill") * scale, "ms",
-            f"extrapolated: measured per-layer time x {llm[1]} layers")  # fmt: skip
-    if scale != 1 or vision_scale != 1:
-        ttft = [med(v, "ttft") + med(v, "prefill") * (scale - 1) + med(v, "vision") * (vision_scale - 1)
+    cut = cut if 0 < cut < used else 0
+    split = (f"; the method's layers 0-{cut - 1} at the plain per-layer time, layers {cut}-{real - 1} at its "
+             f"measured time per shortened layer") if cut else ""  # fmt: skip
+    whole = {v: whole_model_prefill(med(v, "prefill"), med("full", "prefill"), used, real, cut if v == "method" else 0)
+             for v in ("full", "method")}  # fmt: skip
+    decode = {v: whole_model_prefill(med(v, "decode_per_token"), med("full", "decode_per_token"), used, real,
+                                     cut if v == "method" else 0) for v in ("full", "method")}  # fmt: skip
+    if used != real:
+        add("prefill_whole_model_ms", whole["full"], whole["method"], "ms",
+            f"extrapolated: measured per-layer time x {real} layers{split}")  # fmt: skip
+    if used != real or vision_scale != 1:
+        ttft = [med(v, "ttft") + whole[v] - med(v, "prefill") + med(v, "vision") * (vision_scale - 1)
                 for v in ("full", "method")]  # fmt: skip
         parts = "prefill" + (" and vision" if vision_scale != 1 else "")
-        add("ttft_whole_model_ms", ttft[0], ttft[1], "ms", f"extrapolated from the per-layer {parts} time")
-    if llm[0] != llm[1]:
-        add("decode_per_token_whole_model_ms", med("full", "decode_per_token") * scale,
-            med("method", "decode_per_token") * scale, "ms", "extrapolated")  # fmt: skip
+        add("ttft_whole_model_ms", ttft[0], ttft[1], "ms", f"extrapolated from the per-layer {parts} time{split}")
+    if used != real:
+        add("decode_per_token_whole_model_ms", decode["full"], decode["method"], "ms", "extrapolated" + split)
 
 
 def _whole_model_kv(account, real_layers: int) -> float:

@@ -61,6 +61,12 @@ CASES: dict[str, Case] = {
         Target("LLM prefill", PREFILL, 0.35),
         OVERHEAD,
     )),
+    # FastV's paper setting; the cut layers run on the kept half of the image, so the whole model's
+    # prefill (2 full layers + 30 shortened ones of LLaMA-7B) should fall well below two thirds
+    "fastv": Case("FastV (K=2, R=0.5) on LLaVA-1.5-7B, one image", (
+        Target("LLM prefill, whole model (32 layers)", ("prefill_whole_model_ms",), 0.65),
+        OVERHEAD,
+    )),
     # Qwen2.5-VL: the LLaVA rows' targets, for the same methods and inputs on the other family
     "qwen-adaptive-20": Case("adaptive pruning at rho=0.2 on 4 images, Qwen2.5-VL-7B", (
         Target("LLM prefill", PREFILL, 0.35),

@@ -40,6 +40,20 @@ TINY_SPEC: dict = {
     },
     "pinpoints": [[IMAGE_SIZE, IMAGE_SIZE]],
 }
+# v2: the same encoder and a wider, deeper LLM (6 layers of 256, 8 heads), about 6 M parameters in all;
+# the extra depth and heads leave room to bind each picture to the words naming it and to compare frames.
+TINY_V2_SPEC: dict = {
+    "vision": dict(TINY_SPEC["vision"]),
+    "text": {
+        **TINY_SPEC["text"],
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "pinpoints": TINY_SPEC["pinpoints"],
+}
 # A much smaller model of the same layout, for tests of the training loop.
 TEST_SPEC: dict = {
     "vision": {**TINY_SPEC["vision"], "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
@@ -53,6 +67,9 @@ TEST_SPEC: dict = {
     },
     "pinpoints": TINY_SPEC["pinpoints"],
 }
+
+
+SPECS: dict[str, dict] = {"v1": TINY_SPEC, "v2": TINY_V2_SPEC, "test": TEST_SPEC}
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -33,6 +33,7 @@ from tokcomp.models.visual import identity_tokens
 from tokcomp.pipeline import Pipeline, Request
 from tokcomp.resources import REPO_ROOT
 from tokcomp.tiny.model import (
+    SPECS,
     TEST_SPEC,
     TINY_SPEC,
     build_image_processor,
@@ -735,7 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "given with it change them from here on (recorded)",
     )
     parser.add_argument("--stop-after-minutes", type=float, default=0.0, help="save the state and stop after N minutes")
-    parser.add_argument("--test-config", action="store_true", help="a very small model (for smoke tests)")
+    parser.add_argument("--size", choices=sorted(SPECS), default="v1",
+                        help="model sizes: v1 (2 M parameters), v2 (6 M) or test (tiny, for smoke tests)")
+    parser.add_argument("--test-config", action="store_true", help="the same as --size test")
     args = parser.parse_args(argv)
     try:
         if args.kind_weights is not None:
@@ -746,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = {**DEFAULTS, **given}
         train(
             args.out, chosen["steps"], seed=args.seed, lr=args.lr, warmup=args.warmup,
-            spec=TEST_SPEC if args.test_config else TINY_SPEC, batch_scale=args.batch_scale,
+            spec=TEST_SPEC if args.test_config else SPECS[args.size], batch_scale=args.batch_scale,
             encoder_steps=args.encoder_steps, patch_weight=chosen["patch_weight"],
             evidence_weight=chosen["evidence_weight"], query_weight=chosen["query_weight"],
             query_layer=chosen["query_layer"], curriculum_steps=chosen["curriculum_steps"],
