@@ -21,6 +21,7 @@ from test_encoder_trace import eager_trace
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tokcomp.methods import selection as S
+from tokcomp.methods.dart import DARTPruning, least_duplicated
 from tokcomp.methods.dtome import encoder_layers
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
 from tokcomp.methods.fastv import FastVPruning
@@ -39,6 +40,7 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
                ["tokcomp.methods.dycoke:ttm_select", "tokcomp.methods.dycoke:DynamicPruning._observe"]),
     "adaptive": ({"rho": "1"}, ["tokcomp.methods.pruning:adaptive_select"]),
     "fastv": ({"R": "1"}, ["tokcomp.methods.fastv:FastVPruning._rank"]),
+    "dart": ({"R": "1"}, ["tokcomp.methods.dart:least_duplicated"]),
     "random": ({"ratio": "1"}, ["tokcomp.methods.pruning:RandomPruning.score"]),
     "divprune": ({"ratio": "1"}, ["tokcomp.methods.pruning:DivPrune.score"]),
     # every token left after the dominant ones is a contextual centre of its own: nothing merges
@@ -56,6 +58,7 @@ COMPRESSING: dict[str, list[dict[str, str]]] = {
     "dycoke": [{"L": "2"}, {"L": "2", "mode": "evict"}],  # K=0.7, P=0.7
     "adaptive": [{"rho": "0.3"}],
     "fastv": [{"K": "2", "R": "0.25"}],
+    "dart": [{"K": "2", "R": "0.25"}, {"K": "1", "R": "0.3", "text_pivots": "0"}],
     "random": [{"ratio": "0.3", "seed": "1"}],
     "divprune": [{"ratio": "0.25"}],
     "visionzip": [{"dominant": "20", "contextual": "6"}],
@@ -71,6 +74,8 @@ ORACLES: dict[str, list[str]] = {
                "test_dycoke_dp_reads_the_stated_share_in_deep_layers"],
     "adaptive": ["test_adaptive_budgets_add_up_to_the_global_budget"],
     "fastv": ["test_fastv_ranks_by_the_last_query", "test_fastv_keeps_what_the_last_query_attends_to_in_the_model"],
+    "dart": ["test_dart_keeps_the_pivots_and_what_duplicates_them_least",
+             "test_dart_keeps_what_duplicates_the_model_pivots_least"],
     "random": ["test_random_keeps_exactly_the_budget_and_is_seeded"],
     "divprune": ["test_divprune_starts_at_the_largest_total_distance_and_goes_max_min"],
     "visionzip": ["test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_groups"],
@@ -499,6 +504,48 @@ def test_fastv_keeps_what_the_last_query_attends_to_in_the_model(adapter, photos
     assert kept == ranked(-1)
     firsts = [int(torch.nonzero(row).flatten()[0]) for row in valid]  # each request's first real position
     assert all(ranked(f)[b] != kept[b] for b, f in enumerate(firsts))  # the first query would keep others
+
+
+def test_dart_keeps_the_pivots_and_what_duplicates_them_least():
+    visual = torch.tensor([[3.0, 0.0], [1.0, 0.05], [1.0, -0.05], [0.0, 1.0], [0.0, -1.0], [-1.0, 0.1], [0.7, 0.7]])
+    norms = torch.tensor([9.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0])  # token 0 is the image pivot
+    none = torch.zeros(0, 2)
+    # one pivot, two more tokens: the two least like it (the opposite one, then the two orthogonal tie
+    # -> the earlier); its near copies 1 and 2 go
+    assert least_duplicated(visual, norms, none, none[:, 0], 3, 1, 0).tolist() == [0, 3, 5]
+    # a text pivot pointing up takes its share from what is least like *it*: the token pointing down
+    text = torch.tensor([[0.0, 5.0], [0.0, 0.1]])
+    assert least_duplicated(visual, norms, text, torch.tensor([4.0, 1.0]), 3, 1, 1).tolist() == [0, 4, 5]
+    # the budget is exact, and everything is kept at a budget of all tokens
+    assert least_duplicated(visual, norms, text, torch.tensor([4.0, 1.0]), 7, 2, 2).tolist() == list(range(7))
+
+
+def test_dart_keeps_what_duplicates_the_model_pivots_least(adapter, photos, monkeypatch):
+    seen: list[torch.Tensor] = []
+    original = DARTPruning.choose
+
+    def record(self, hidden, language_model):
+        seen.append(language_model.norm(hidden).detach().float())
+        return original(self, hidden, language_model)
+
+    monkeypatch.setattr(DARTPruning, "choose", record)
+    sets = _compressing("dart")
+    pipe = Pipeline(adapter, _method(adapter, "dart", sets))
+    results = pipe.generate(_requests("image", photos, 2), 1)
+    ((states,),) = [seen]
+    (hook,) = pipe.last_hooks
+    for b, result in enumerate(results):
+        positions = hook.visual[b].nonzero().flatten()
+        text = (hook.valid[b] & ~hook.visual[b]).nonzero().flatten()
+        text = text[text > positions[-1]]
+        budget = round(float(sets["R"]) * positions.numel())
+        expected = least_duplicated(states[b, positions], hook.key_norms[b, positions], states[b, text],
+                                    hook.key_norms[b, text], budget, 4, 4)  # fmt: skip
+        assert torch.nonzero(hook.kept[b]).flatten().tolist() == positions[expected].tolist()
+        assert result.account.llm_drop == (int(sets["K"]), positions.numel() - budget)
+        # the pivots: the visual tokens whose keys in layer K-1 have the largest L1 norm are all kept
+        top = S.top_k_stable(hook.key_norms[b, positions].float(), 4)
+        assert hook.kept[b, positions[top]].all()
 
 
 def test_random_keeps_exactly_the_budget_and_is_seeded(adapter, photos):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokcomp.errors import TokcompError
-from tokcomp.methods.fastv import rows_that_go_on, take_mask, take_positions
+from tokcomp.methods.cut import rows_that_go_on, take_mask, take_positions
 from tokcomp.methods.registry import build_method
 from tokcomp.pipeline import Pipeline, Request
 

@@ -67,6 +67,12 @@ CASES: dict[str, Case] = {
         Target("LLM prefill, whole model (32 layers)", ("prefill_whole_model_ms",), 0.65),
         OVERHEAD,
     )),
+    # DART's paper setting keeps 128 of 576 tokens from layer 2 on: about a third of the plain prefill
+    # (2 full layers + 30 at a quarter of the length), with no attention weights to compute
+    "dart": Case("DART (K=2, R=0.222, 4+4 pivots) on LLaVA-1.5-7B, one image", (
+        Target("LLM prefill, whole model (32 layers)", ("prefill_whole_model_ms",), 0.45),
+        OVERHEAD,
+    )),
     # Qwen2.5-VL: the LLaVA rows' targets, for the same methods and inputs on the other family
     "qwen-adaptive-20": Case("adaptive pruning at rho=0.2 on 4 images, Qwen2.5-VL-7B", (
         Target("LLM prefill", PREFILL, 0.35),

@@ -1,3 +1,5 @@
 """The registry's method names, importable without torch (for the CLI's help); a test keeps them equal."""
 
-METHOD_NAMES = ("none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "random", "divprune", "visionzip")
+METHOD_NAMES = (
+    "none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "dart", "random", "divprune", "visionzip",
+)  # fmt: skip

@@ -1,0 +1,47 @@
+"""DART's selection: exact budgets, pivots kept, and the cut shared with FastV."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokcomp.methods.dart import least_duplicated
+from tokcomp.methods.registry import build_method
+from tokcomp.pipeline import Pipeline, Request
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    count=st.integers(1, 30), texts=st.integers(0, 6), budget=st.integers(1, 40), image_pivots=st.integers(1, 6),
+    text_pivots=st.integers(0, 6), seed=st.integers(0, 10_000),
+)  # fmt: skip
+def test_the_budget_is_met_exactly_with_the_image_pivots_in_it(count, texts, budget, image_pivots, text_pivots, seed):
+    generator = torch.Generator().manual_seed(seed)
+    visual, text = torch.randn(count, 5, generator=generator), torch.randn(texts, 5, generator=generator)
+    norms = torch.rand(count, generator=generator)
+    kept = least_duplicated(visual, norms, text, torch.rand(texts, generator=generator), budget, image_pivots,
+                            text_pivots)  # fmt: skip
+    assert kept.tolist() == sorted(set(kept.tolist()))  # sorted, each token once
+    assert kept.numel() == min(budget, count) and (kept.numel() == 0 or 0 <= kept.min() <= kept.max() < count)
+    pivots = torch.argsort(norms, descending=True, stable=True)[: min(image_pivots, budget, count)]
+    assert set(pivots.tolist()) <= set(kept.tolist())
+
+
+def test_dart_layers_before_k_are_untouched_and_later_ones_are_shorter(llava, photos):
+    outputs: dict[str, list[torch.Tensor]] = {"none": [], "dart": []}
+    request = [Request("what is in the pictures ?", photos[:1])]
+    for name in outputs:
+        sets = {"K": "2", "R": "0.25"} if name == "dart" else {}
+        method = build_method(name, llava.name, llava.num_layers, sets=sets)
+        handles = [layer.register_forward_hook(lambda m, a, out, n=name: outputs[n].append(out.detach().clone()))
+                   for layer in llava.language_model.layers]  # fmt: skip
+        try:
+            Pipeline(llava, method).generate(request, 1)
+        finally:
+            for handle in handles:
+                handle.remove()
+    plain, dart = outputs["none"], outputs["dart"]
+    assert torch.equal(plain[0], dart[0])  # layer 0 runs the stock layer on the same input
+    kept = round(0.25 * 196)
+    assert dart[2].shape[1] == plain[2].shape[1] - (196 - kept)  # from layer K=2 on: the kept tokens only
