@@ -21,6 +21,7 @@ from test_encoder_trace import eager_trace
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tokcomp.methods import selection as S
+from tokcomp.methods.cdpruner import conditional_kernel, greedy_dpp, instruction_relevance
 from tokcomp.methods.dart import DARTPruning, least_duplicated
 from tokcomp.methods.dtome import encoder_layers
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
@@ -43,6 +44,8 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
     "dart": ({"R": "1"}, ["tokcomp.methods.dart:least_duplicated"]),
     "random": ({"ratio": "1"}, ["tokcomp.methods.pruning:RandomPruning.score"]),
     "divprune": ({"ratio": "1"}, ["tokcomp.methods.pruning:DivPrune.score"]),
+    "cdpruner": ({"ratio": "1"},
+                 ["tokcomp.methods.cdpruner:greedy_dpp", "tokcomp.methods.cdpruner:instruction_relevance"]),
     # every token left after the dominant ones is a contextual centre of its own: nothing merges
     "visionzip": ({"dominant": "10", "contextual": "100000"},
                   ["tokcomp.methods.trace:EncoderTrace.record", "tokcomp.methods.visionzip:VisionZip.groups",
@@ -61,6 +64,7 @@ COMPRESSING: dict[str, list[dict[str, str]]] = {
     "dart": [{"K": "2", "R": "0.25"}, {"K": "1", "R": "0.3", "text_pivots": "0"}],
     "random": [{"ratio": "0.3", "seed": "1"}],
     "divprune": [{"ratio": "0.25"}],
+    "cdpruner": [{"ratio": "0.25"}, {"ratio": "0.3", "theta": "0"}],
     "visionzip": [{"dominant": "20", "contextual": "6"}],
 }
 
@@ -78,6 +82,8 @@ ORACLES: dict[str, list[str]] = {
              "test_dart_keeps_what_duplicates_the_model_pivots_least"],
     "random": ["test_random_keeps_exactly_the_budget_and_is_seeded"],
     "divprune": ["test_divprune_starts_at_the_largest_total_distance_and_goes_max_min"],
+    "cdpruner": ["test_cdpruner_picks_the_greedy_largest_determinant_weighted_by_relevance",
+                 "test_cdpruner_keeps_the_dpp_choice_of_each_image_in_the_model"],
     "visionzip": ["test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_groups"],
 }  # fmt: skip
 
@@ -546,6 +552,47 @@ def test_dart_keeps_what_duplicates_the_model_pivots_least(adapter, photos, monk
         # the pivots: the visual tokens whose keys in layer K-1 have the largest L1 norm are all kept
         top = S.top_k_stable(hook.key_norms[b, positions].float(), 4)
         assert hook.kept[b, positions[top]].all()
+
+
+def test_cdpruner_picks_the_greedy_largest_determinant_weighted_by_relevance():
+    generator = torch.Generator().manual_seed(3)
+    features, text = torch.randn(9, 6, generator=generator), torch.randn(3, 6, generator=generator)
+    relevance = instruction_relevance(features, text)
+    assert relevance.min() == 0 and relevance.max() == 1
+    kernel = conditional_kernel(features, relevance, 0.5)
+    quality = torch.exp(0.5 * relevance)  # alpha = theta / (2 (1 - theta)) = 0.5
+    assert torch.allclose(kernel.diagonal(), quality**2)
+    # the greedy MAP by brute force: each step adds the item that makes det(L_S) largest
+    chosen: list[int] = []
+    for _ in range(4):
+        dets = {j: float(torch.det(kernel[[*chosen, j]][:, [*chosen, j]])) for j in range(9) if j not in chosen}
+        chosen.append(max(dets, key=dets.get))
+    assert greedy_dpp(kernel, 4).tolist() == sorted(chosen)
+    # two copies of one token are never both kept while a distinct one is left; relevance breaks the tie
+    copies = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    flat = conditional_kernel(copies, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), 0.5)
+    assert greedy_dpp(flat, 2).tolist() == [1, 2]  # the more relevant copy, then the distinct token
+
+
+def test_cdpruner_keeps_the_dpp_choice_of_each_image_in_the_model(adapter, photos):
+    from tokcomp.assemble import text_token_ids
+
+    request = _requests("image", photos, 3)[1]  # two images
+    sets = _compressing("cdpruner")
+    ratio = float(sets["ratio"])
+    pipe = Pipeline(adapter, _method(adapter, "cdpruner", sets))
+    account = pipe.generate([request], 1)[0].account
+    tokens = pipe.visual_tokens([request])[0]
+    budgets = [max(1, round(ratio * t.num_positions)) for t in tokens]
+    assert [u["kept"] for u in account.per_image] == budgets
+    # the kept positions are the greedy DPP of each unit's tokens under the prompt's text embeddings
+    text = adapter.embed_tokens(text_token_ids(adapter, pipe.prompt_ids(request)))
+    for unit, got, budget in zip(tokens, account.selection["cdpruner"], budgets, strict=True):
+        features = unit.position_features()
+        relevance = instruction_relevance(features, text)
+        assert got == greedy_dpp(conditional_kernel(features, relevance, 0.5), budget).tolist()
+        # relevance matters: without it (theta 0) the same budget picks another set
+        assert got != greedy_dpp(conditional_kernel(features, relevance, 0.0), budget).tolist()
 
 
 def test_random_keeps_exactly_the_budget_and_is_seeded(adapter, photos):

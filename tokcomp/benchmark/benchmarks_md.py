@@ -73,6 +73,11 @@ CASES: dict[str, Case] = {
         Target("LLM prefill, whole model (32 layers)", ("prefill_whole_model_ms",), 0.45),
         OVERHEAD,
     )),
+    # CDPruner before the LLM at DART's budget: the adaptive row's prefill target, with its DPP inside 5 %
+    "cdpruner": Case("CDPruner (128 of 576 tokens, theta 0.5) on LLaVA-1.5-7B, one image", (
+        Target("LLM prefill", PREFILL, 0.35),
+        OVERHEAD,
+    )),
     # Qwen2.5-VL: the LLaVA rows' targets, for the same methods and inputs on the other family
     "qwen-adaptive-20": Case("adaptive pruning at rho=0.2 on 4 images, Qwen2.5-VL-7B", (
         Target("LLM prefill", PREFILL, 0.35),

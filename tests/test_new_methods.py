@@ -1,4 +1,4 @@
-"""DART's selection: exact budgets, pivots kept, and the cut shared with FastV."""
+"""DART and CDPruner selections: exact budgets, pivots kept, the cut shared with FastV."""
 
 from __future__ import annotations
 
@@ -45,3 +45,16 @@ def test_dart_layers_before_k_are_untouched_and_later_ones_are_shorter(llava, ph
     assert torch.equal(plain[0], dart[0])  # layer 0 runs the stock layer on the same input
     kept = round(0.25 * 196)
     assert dart[2].shape[1] == plain[2].shape[1] - (196 - kept)  # from layer K=2 on: the kept tokens only
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(1, 24), dim=st.integers(1, 8), keep=st.integers(1, 30), seed=st.integers(0, 10_000))
+def test_cdpruner_keeps_exactly_its_budget_even_past_the_kernel_rank(count, dim, keep, seed):
+    from tokcomp.methods.cdpruner import conditional_kernel, greedy_dpp, instruction_relevance
+
+    generator = torch.Generator().manual_seed(seed)
+    features, text = torch.randn(count, dim, generator=generator), torch.randn(2, dim, generator=generator)
+    kernel = conditional_kernel(features, instruction_relevance(features, text), 0.5)
+    chosen = greedy_dpp(kernel, keep).tolist()
+    assert chosen == sorted(set(chosen)) and len(chosen) == min(keep, count)  # dim < count: rank runs out
+    assert all(0 <= i < count for i in chosen)
