@@ -287,6 +287,10 @@ def test_training_resumes_where_it_stopped_and_adds_up_its_runs(tmp_path):
     assert main([*common, "--steps", "4", "--encoder-steps", "2", "--evidence-weight", "0.5",
                  "--stop-after-minutes", "0.0001"]) == 0  # fmt: skip
     assert (state_dir_for(tmp_path / "ckpt") / "state.pt").is_file() and not (tmp_path / "ckpt").exists()
+    saved = torch.load(state_dir_for(tmp_path / "ckpt") / "state.pt", weights_only=False)
+    moments = [v for entry in saved["optimizer"]["state"].values() for k, v in entry.items() if k != "step"]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)  # compact; cast back on resume
+    assert all(v.dtype == torch.float32 for v in saved["model"].values() if v.is_floating_point())
     # the saved settings win, except the loss weights and curriculum given again, which the run records
     # (switched on in the encoder stage, the curriculum starts with the answer stage)
     assert main([*common, "--resume", "--query-weight", "0.5", "--query-layer", "0", "--curriculum-steps", "2",

@@ -401,11 +401,24 @@ def state_dir_for(out_dir: str | Path) -> Path:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    """Write the resumable state atomically (a killed run leaves the previous state intact)."""
+    """Write the resumable state atomically (a killed run leaves the previous state intact).
+
+    The optimizer's moment estimates are stored in bfloat16 (the optimizer casts them back to the
+    parameters' float32 on resume): a third smaller, so a run in progress can travel with the checkout."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save({**state, "optimizer": _compact_optimizer(state["optimizer"])} if "optimizer" in state else state, tmp)
     tmp.replace(path)
+
+
+def _compact_optimizer(optimizer_state: dict) -> dict:
+    """An optimizer state dict with its floating-point per-parameter tensors (not the step) in bfloat16."""
+    def compact(value):
+        is_moment = isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim > 0
+        return value.to(torch.bfloat16) if is_moment else value
+
+    states = {key: {name: compact(v) for name, v in entry.items()} for key, entry in optimizer_state["state"].items()}
+    return {**optimizer_state, "state": states}
 
 
 def _validation_accuracy(adapter, items_per_task: int, seed: int) -> dict[str, float]:
