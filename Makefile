@@ -135,7 +135,7 @@ calibrations: install
 # numbers are extrapolated and labelled. About 11-16 minutes on 2 cores (estimated from the FLOPs).
 BENCH_DIR := results/bench
 BENCH := $(BIN)/tokcomp bench --max-new-tokens 8 --warmup 1
-BENCH_CASES := dymu-low fastv dart cdpruner dycoke dycoke-evict adaptive-20 qwen-adaptive-20 qwen-dycoke
+BENCH_CASES := dymu-low fastv dart pyramiddrop cdpruner dycoke dycoke-evict adaptive-20 qwen-adaptive-20 qwen-dycoke
 benchmarks: install
 	$(BENCH) --model llava-1.5-7b-shape --llm-layers 2 --method dymu-low --input image --repeat 3 \
 	  --out $(BENCH_DIR)/dymu-low.json
@@ -143,6 +143,8 @@ benchmarks: install
 	  --out $(BENCH_DIR)/fastv.json
 	$(BENCH) --model llava-1.5-7b-shape --llm-layers 4 --vision-layers 2 --method dart --input image --repeat 3 \
 	  --out $(BENCH_DIR)/dart.json
+	$(BENCH) --model llava-1.5-7b-shape --llm-layers 4 --vision-layers 2 --method pyramiddrop --input image \
+	  --repeat 3 --out $(BENCH_DIR)/pyramiddrop.json
 	$(BENCH) --model llava-1.5-7b-shape --llm-layers 2 --vision-layers 2 --method cdpruner --input image --repeat 3 \
 	  --out $(BENCH_DIR)/cdpruner.json
 	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 4 --vision-layers 1 --method dycoke --input video:32 \

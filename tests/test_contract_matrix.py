@@ -13,6 +13,7 @@ entries in the tables below):
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from tokcomp.methods.cdpruner import conditional_kernel, greedy_dpp, instruction
 from tokcomp.methods.dart import DARTPruning, least_duplicated
 from tokcomp.methods.dtome import encoder_layers
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
-from tokcomp.methods.fastv import FastVPruning
+from tokcomp.methods.fastv import FastVPruning, last_token_attention
 from tokcomp.methods.pruning import DivPrune
 from tokcomp.methods.registry import METHODS, build_method
 from tokcomp.pipeline import Pipeline, Request
@@ -42,6 +43,7 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
     "adaptive": ({"rho": "1"}, ["tokcomp.methods.pruning:adaptive_select"]),
     "fastv": ({"R": "1"}, ["tokcomp.methods.fastv:FastVPruning._rank"]),
     "dart": ({"R": "1"}, ["tokcomp.methods.dart:least_duplicated"]),
+    "pyramiddrop": ({"keep": "1"}, ["tokcomp.methods.fastv:FastVPruning._rank", "tokcomp.methods.cut:LayerCut._cut"]),
     "random": ({"ratio": "1"}, ["tokcomp.methods.pruning:RandomPruning.score"]),
     "divprune": ({"ratio": "1"}, ["tokcomp.methods.pruning:DivPrune.score"]),
     "cdpruner": ({"ratio": "1"},
@@ -62,6 +64,7 @@ COMPRESSING: dict[str, list[dict[str, str]]] = {
     "adaptive": [{"rho": "0.3"}],
     "fastv": [{"K": "2", "R": "0.25"}],
     "dart": [{"K": "2", "R": "0.25"}, {"K": "1", "R": "0.3", "text_pivots": "0"}],
+    "pyramiddrop": [{"keep": "0.5"}, {"keep": "0.3", "layers": "1"}],
     "random": [{"ratio": "0.3", "seed": "1"}],
     "divprune": [{"ratio": "0.25"}],
     "cdpruner": [{"ratio": "0.25"}, {"ratio": "0.3", "theta": "0"}],
@@ -78,6 +81,7 @@ ORACLES: dict[str, list[str]] = {
                "test_dycoke_dp_reads_the_stated_share_in_deep_layers"],
     "adaptive": ["test_adaptive_budgets_add_up_to_the_global_budget"],
     "fastv": ["test_fastv_ranks_by_the_last_query", "test_fastv_keeps_what_the_last_query_attends_to_in_the_model"],
+    "pyramiddrop": ["test_pyramiddrop_ranks_each_stage_by_the_last_token_among_the_survivors"],
     "dart": ["test_dart_keeps_the_pivots_and_what_duplicates_them_least",
              "test_dart_keeps_what_duplicates_the_model_pivots_least"],
     "random": ["test_random_keeps_exactly_the_budget_and_is_seeded"],
@@ -512,6 +516,34 @@ def test_fastv_keeps_what_the_last_query_attends_to_in_the_model(adapter, photos
     assert all(ranked(f)[b] != kept[b] for b, f in enumerate(firsts))  # the first query would keep others
 
 
+def test_pyramiddrop_ranks_each_stage_by_the_last_token_among_the_survivors(adapter, photos, monkeypatch):
+    seen: list[tuple] = []
+    original = FastVPruning._rank
+
+    def record(self, query, key, valid, scaling):
+        seen.append((self.current_visual().clone(), last_token_attention(query, key, valid, scaling)))
+        return original(self, query, key, valid, scaling)
+
+    monkeypatch.setattr(FastVPruning, "_rank", record)
+    pipe = Pipeline(adapter, _method(adapter, "pyramiddrop", {"keep": "0.5"}))
+    result = pipe.generate(_requests("image", photos, 2), 1)
+    (hook,) = pipe.last_hooks
+    assert len(seen) == len(hook.cut_layers) == len(hook.orders) >= 2  # one ranking and one cut per stage
+    for stage, (survivors, received) in enumerate(seen):
+        order, real = hook.orders[stage], hook.reals[stage]
+        for b in range(hook.visual.shape[0]):
+            # the rows of the stage this ranking ran in, as LLM-input positions
+            rows = hook.orders[stage - 1][b] if stage else torch.arange(hook.visual.shape[1])
+            live = hook.reals[stage - 1][b] if stage else hook.valid[b]
+            candidates = [int(p) for p, r in zip(rows, live, strict=True) if r and survivors[b, p]]
+            scores = torch.tensor([float(received[b, list(rows).index(p)]) for p in candidates])
+            top = {candidates[i] for i in S.top_k_stable(scores, round(0.5 * len(candidates))).tolist()}
+            went_on = {int(p) for p, r in zip(order[b], real[b], strict=True) if r and hook.visual[b, p]}
+            assert went_on == top, (stage, b)
+    counts = result[0].account.methods["pyramiddrop"]["visual_per_stage"]
+    assert all(later == round(0.5 * earlier) for earlier, later in itertools.pairwise(counts))  # halved
+
+
 def test_dart_keeps_the_pivots_and_what_duplicates_them_least():
     visual = torch.tensor([[3.0, 0.0], [1.0, 0.05], [1.0, -0.05], [0.0, 1.0], [0.0, -1.0], [-1.0, 0.1], [0.7, 0.7]])
     norms = torch.tensor([9.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0])  # token 0 is the image pivot
@@ -548,7 +580,7 @@ def test_dart_keeps_what_duplicates_the_model_pivots_least(adapter, photos, monk
         expected = least_duplicated(states[b, positions], hook.key_norms[b, positions], states[b, text],
                                     hook.key_norms[b, text], budget, 4, 4)  # fmt: skip
         assert torch.nonzero(hook.kept[b]).flatten().tolist() == positions[expected].tolist()
-        assert result.account.llm_drop == (int(sets["K"]), positions.numel() - budget)
+        assert result.account.llm_drops == ((int(sets["K"]), positions.numel() - budget),)
         # the pivots: the visual tokens whose keys in layer K-1 have the largest L1 norm are all kept
         top = S.top_k_stable(hook.key_norms[b, positions].float(), 4)
         assert hook.kept[b, positions[top]].all()

@@ -110,7 +110,7 @@ def test_layers_from_k_cache_only_the_tokens_that_went_on(llava, photos):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_column = 2 * config.num_key_value_heads * head_dim * 4  # K and V, float32
     kv = result.account.kv_bytes_per_layer
-    assert result.account.llm_drop == (2, 147) and result.account.methods["fastv"]["dropped_visual"] == 147
+    assert result.account.llm_drops == ((2, 147),) and result.account.methods["fastv"]["dropped_visual"] == 147
     assert kv[0] == kv[1] and kv[2] == kv[3] and (kv[0] - kv[2]) // per_column == 147
     cache = pipe.last_cache
     assert cache.layers[0].keys.shape[-2] - cache.layers[2].keys.shape[-2] == 147

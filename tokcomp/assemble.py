@@ -44,8 +44,9 @@ class Account:
     kv_bytes: int = 0  # this request's KV cache at the end of generation
     kv_bytes_per_layer: list[int] = field(default_factory=list)  # the same, per decoder layer
     decode_visual_attended: float = 0.0  # visual keys attended per layer and decode step (mean)
-    # (LLM layer, tokens): from that layer on the prefill runs without that many tokens (FastV's cut)
-    llm_drop: tuple[int, int] = (0, 0)
+    # per cut inside the LLM (FastV, DART, PyramidDrop's stages): (layer, tokens), from that layer on the
+    # prefill runs without that many visual tokens
+    llm_drops: tuple[tuple[int, int], ...] = ()
     methods: dict = field(default_factory=dict)  # method-specific numbers (DyCoke's retained ratio, ...)
     # what the method's pre-LLM selection recorded for this request (adaptive's plan), by method name;
     # read by its report, not written out

@@ -79,8 +79,9 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
-def _flop_counts(adapter, result: Generation, new_tokens: int) -> dict[str, float]:
-    """Analytic prefill (vision + LLM) and per-token decode FLOPs for the real model this stands for."""
+def _flop_counts(adapter, result: Generation, new_tokens: int, scaled_cuts: bool = False) -> dict[str, float]:
+    """Analytic prefill (vision + LLM) and per-token decode FLOPs for the real model this stands for
+    (``scaled_cuts``: the method's LLM cuts are fractions of the depth, scaled to the real one)."""
     vision = adapter.vision_config
     text = adapter.language_model.config
     shape = adapter.shape
@@ -100,11 +101,11 @@ def _flop_counts(adapter, result: Generation, new_tokens: int) -> dict[str, floa
         start = views * (adapter.num_patches + adapter.protected)
         vision_total += flops.vision_flops(counts, start, vision.hidden_size, vision.intermediate_size)
     tokens, attended = acc.prompt_tokens_kept, acc.prompt_tokens_kept + (acc.visual_positions - acc.visual_kept)
-    cut_layer, dropped = acc.llm_drop  # FastV: from that layer on, that many tokens fewer
-    full_layers = min(cut_layer, layers) if dropped else layers
-    prefill_llm = (full_layers * flops.llm_layer_prefill(tokens, attended, text)
-                   + (layers - full_layers) * flops.llm_layer_prefill(tokens - dropped, attended - dropped, text)
-                   + flops.lm_head(text.hidden_size, vocab))  # fmt: skip
+    prefill_llm = flops.lm_head(text.hidden_size, vocab)
+    scale = layers / text.num_hidden_layers if scaled_cuts else 1
+    bounds = [(0, 0), *((min(round(layer * scale), layers), dropped) for layer, dropped in acc.llm_drops)]
+    for (start, dropped), (end, _) in zip(bounds, [*bounds[1:], (layers, 0)], strict=True):
+        prefill_llm += (end - start) * flops.llm_layer_prefill(tokens - dropped, attended - dropped, text)
     text_tokens = acc.prompt_tokens_full - acc.visual_full
     keys = text_tokens + acc.decode_visual_attended + new_tokens / 2
     decode = layers * flops.llm_layer_decode(keys, text) + flops.lm_head(text.hidden_size, vocab)
@@ -251,7 +252,8 @@ def run_bench(
     add("prefill_per_layer_ms", med("full", "prefill") / used_layers,
         med("method", "prefill") / used_layers, "ms", "measured prefill / decoder layers run")  # fmt: skip
     full_acc, method_acc = last["full"].account, last["method"].account
-    cut_layer = method_acc.llm_drop[0] if method_acc.llm_drop[1] else 0
+    drops = [layer for layer, dropped in method_acc.llm_drops if dropped]
+    cut_layer = drops[0] if len(drops) == 1 else 0  # one cut: its layers split (several: see the note)
     _add_extrapolations(add, med, (used_layers, real_layers), (used_vision, real_vision), cut_layer)
     add("visual_tokens", full_acc.visual_full, method_acc.visual_kept, "tokens", "method: distinct tokens into prefill")
     add("visual_positions", full_acc.visual_positions, method_acc.visual_positions, "positions")
@@ -260,13 +262,18 @@ def run_bench(
         "measured" + ("" if used_layers == real_layers else f" on {used_layers} of {real_layers} layers"))  # fmt: skip
     if used_layers != real_layers:
         kv_note = f"extrapolated: layers {used_layers}-{real_layers - 1} hold what layer {used_layers - 1} holds"
+        scaled = method.cuts_scale_with_depth
+        if scaled:
+            kv_note = f"extrapolated: each of the {used_layers} layers run stands for {real_layers // used_layers}"
         add("kv_cache_bytes_whole_model", _whole_model_kv(full_acc, real_layers),
-            _whole_model_kv(method_acc, real_layers), "bytes", kv_note)  # fmt: skip
+            _whole_model_kv(method_acc, real_layers, scaled), "bytes", kv_note)  # fmt: skip
     full_flops = _flop_counts(adapter, last["full"], new_tokens)
-    method_flops = _flop_counts(adapter, last["method"], new_tokens)
+    method_flops = _flop_counts(adapter, last["method"], new_tokens, method.cuts_scale_with_depth)
     flops_note = f"analytic, {real_vision} encoder and {real_layers} LLM layers"
     if truncated_vision:
         flops_note += f" (layers past {used_vision} with the tokens of layer {used_vision})"
+    if method.cuts_scale_with_depth and used_layers != real_layers:
+        flops_note += f"; the method's LLM cuts at the same fractions of all {real_layers} layers"
     for key in full_flops:
         add(f"flops_{key}", full_flops[key], method_flops[key], "FLOPs", flops_note)
     if device.type == "cuda":
@@ -340,11 +347,14 @@ def _add_extrapolations(add, med, llm: tuple[int, int], vision: tuple[int, int],
         add("decode_per_token_whole_model_ms", decode["full"], decode["method"], "ms", "extrapolated" + split)
 
 
-def _whole_model_kv(account, real_layers: int) -> float:
-    """KV bytes for all ``real_layers``: the layers not run are taken to hold what the last one run holds."""
+def _whole_model_kv(account, real_layers: int, stretched: bool = False) -> float:
+    """KV bytes for all ``real_layers``: the layers not run are taken to hold what the last one run holds
+    (``stretched``: each layer run stands for an equal share of the real ones)."""
     per_layer = account.kv_bytes_per_layer
     if not per_layer:
         return float(account.kv_bytes)
+    if stretched:
+        return float(sum(per_layer) * real_layers / len(per_layer))
     return float(sum(per_layer) + (real_layers - len(per_layer)) * per_layer[-1])
 
 

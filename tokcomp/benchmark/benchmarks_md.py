@@ -73,6 +73,12 @@ CASES: dict[str, Case] = {
         Target("LLM prefill, whole model (32 layers)", ("prefill_whole_model_ms",), 0.45),
         OVERHEAD,
     )),
+    # PyramidDrop at lambda 0.5 in four equal stages: the visual part of a layer's work falls to 1/2, 1/4, 1/8
+    # (their mean 0.47); the stages are quarters of the depth in the 4 layers run as in the real 32
+    "pyramiddrop": Case("PyramidDrop (lambda 0.5, four stages) on LLaVA-1.5-7B, one image", (
+        Target("LLM prefill, whole model (32 layers)", ("prefill_whole_model_ms",), 0.60),
+        OVERHEAD,
+    )),
     # CDPruner before the LLM at DART's budget: the adaptive row's prefill target, with its DPP inside 5 %
     "cdpruner": Case("CDPruner (128 of 576 tokens, theta 0.5) on LLaVA-1.5-7B, one image", (
         Target("LLM prefill", PREFILL, 0.35),

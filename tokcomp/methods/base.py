@@ -91,6 +91,12 @@ class Method:
         """Whether tokens left after a pre-LLM selection keep their stock position ids (else contiguous)."""
         return False
 
+    @property
+    def cuts_scale_with_depth(self) -> bool:
+        """Whether the LLM layers it cuts at are fractions of the depth (PyramidDrop's default stages), so
+        a run with fewer decoder layers stands for the real model with the cuts scaled (``bench``)."""
+        return False
+
     def select(self, adapter: VLMAdapter, kind: str, tokens: UnitTokens) -> UnitTokens:
         """Pre-LLM selection on one image/video's tokens (``kind``); the default keeps everything."""
         return tokens

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,52 +64,101 @@ def take_mask(mask: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LayerCut(AttentionHook):
-    """One batch's cut after layer K-1: a subclass sets ``kept`` (B, L) from what it observes in layer
-    K-1's attention (``observe``) or output (``choose``); this class cuts and restricts later layers.
+    """One batch's cuts: after layer ``layer - 1`` (and after ``later`` ones - 1, PyramidDrop's stages)
+    a subclass sets ``kept`` (B, L), the visual tokens that go on, from what it observes in that
+    layer's attention (``observe``) or output (``choose``); this class cuts and restricts later layers.
 
-    A keep share of 1 still chooses, keeps every visual token and cuts nothing away (every position is
-    taken, in order), so every layer computes what the stock one does.
+    Everything is kept in the coordinates of the LLM input (B, L): stage ``s`` (after ``s`` cuts) runs on
+    the rows ``orders[s - 1]`` of it, ``reals[s - 1]`` telling which are tokens. A keep share of 1 still
+    chooses, keeps every visual token and cuts nothing away (every position is taken, in order), so
+    every layer computes what the stock one does.
     """
 
     layer: int
     keep: float
     visual: torch.Tensor  # (B, L) bool over the LLM input
     num_layers: int = 0
-    kept: torch.Tensor | None = None  # (B, L) the visual tokens that go on
-    order: torch.Tensor | None = None  # (B, L') the positions that go on past layer K-1
-    real: torch.Tensor | None = None  # (B, L') which of them are tokens (the others: left padding)
+    later: tuple[int, ...] = ()  # further cut layers, increasing
+    kept: torch.Tensor | None = None  # (B, L) the visual tokens that go on past the latest cut
     valid: torch.Tensor | None = None  # (B, L) the real (not padding) positions of the prefill
+    orders: list[torch.Tensor] = field(default_factory=list)  # per cut: (B, L_s) positions that go on
+    reals: list[torch.Tensor] = field(default_factory=list)  # per cut: (B, L_s) which of them are tokens
+    counts: list[torch.Tensor] = field(default_factory=list)  # per cut: (B,) visual tokens that go on
     active_in_prefill: bool = True
     cuts_sequence: bool = True
     seconds: float = 0.0  # the hook's own work (the probe, the cut, the masks)
 
     @property
+    def cut_layers(self) -> tuple[int, ...]:
+        return (self.layer, *self.later)
+
+    @property
     def keeps_everything(self) -> bool:
         return self.keep >= 1
 
+    @property
+    def order(self) -> torch.Tensor | None:
+        """The rows the last stage runs on (None before the first cut)."""
+        return self.orders[-1] if self.orders else None
+
+    @property
+    def real(self) -> torch.Tensor | None:
+        return self.reals[-1] if self.reals else None
+
+    def stage_of(self, index: int) -> int:
+        """How many cuts come before decoder layer ``index``."""
+        return sum(1 for cut in self.cut_layers if cut <= index)
+
     def budget(self, count: int) -> int:
-        """Visual tokens a request with ``count`` of them keeps (at least one)."""
+        """Visual tokens a request with ``count`` of them (at this cut) keeps (at least one)."""
         return max(1, round(self.keep * count)) if count else 0
 
+    def current_visual(self) -> torch.Tensor:
+        """(B, L) the visual tokens still in the sequence (all of them before the first cut)."""
+        return self.visual if self.kept is None else self.kept
+
+    def to_input(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """Per-row values (B, L_s) of the current stage, placed at their LLM-input positions (B, L);
+        ``fill`` where a position is not in the stage (or is its padding)."""
+        if self.order is None:
+            return values
+        real = self.real.to(values.device)
+        placed = torch.where(real, values, torch.full_like(values, fill))
+        return values.new_full(self.visual.shape, fill).scatter(1, self.order.to(values.device), placed)
+
     def observe(self, query, key, valid, scaling) -> None:
-        """Layer K-1's attention inputs (after RoPE); a subclass that ranks by attention sets ``kept``."""
+        """A cut layer's attention inputs (after RoPE; ``valid`` the stage's real rows); a subclass
+        that ranks by attention sets ``kept`` here."""
 
     def choose(self, hidden: torch.Tensor, language_model: nn.Module) -> None:
-        """Layer K-1's output (B, L, D); a subclass that ranks by hidden states sets ``kept`` here."""
+        """A cut layer's output (B, L, D), before the first cut; a subclass that ranks by hidden states
+        sets ``kept`` here."""
 
     def attended_per_sample(self) -> list[float]:
-        """Visual keys per layer (mean over layers): all below K, the kept ones from K on."""
+        """Visual keys per layer (mean over layers): every one before the first cut, then each stage's."""
         total = self.visual.sum(1).float()
-        if self.kept is None or not self.num_layers:
+        if not self.counts or not self.num_layers:
             return total.tolist()
-        kept = self.kept.sum(1).float()
-        return ((self.layer * total + (self.num_layers - self.layer) * kept) / self.num_layers).tolist()
+        bounds = [*self.cut_layers[: len(self.counts)], self.num_layers]
+        keys = self.layer * total
+        for count, start, end in zip(self.counts, bounds, bounds[1:], strict=False):
+            keys = keys + (end - start) * count.float()
+        return (keys / self.num_layers).tolist()
 
     def dropped_per_sample(self) -> list[int]:
-        """Visual tokens each request sheds from layer K on."""
+        """Visual tokens each request sheds by the last cut."""
         if self.kept is None:
             return [0] * self.visual.shape[0]
         return (self.visual.sum(1) - self.kept.sum(1)).tolist()
+
+    def visual_per_stage(self, sample: int) -> list[int]:
+        """Visual tokens of request ``sample`` in each stage: before the first cut, then after each."""
+        return [int(self.visual[sample].sum()), *(int(c[sample]) for c in self.counts)]
+
+    def drops(self, sample: int) -> tuple[tuple[int, int], ...]:
+        """(layer, visual tokens fewer from that layer on) for each cut of request ``sample``."""
+        total = int(self.visual[sample].sum())
+        return tuple((layer, total - int(c[sample])) for layer, c in zip(self.cut_layers, self.counts, strict=False))
 
     # --- prefill ------------------------------------------------------------------------------
     @contextmanager
@@ -119,7 +168,7 @@ class LayerCut(AttentionHook):
         def cut(module, args, output):
             return self._cut(output, language_model)
 
-        handles = [layers[self.layer - 1].register_forward_hook(cut)]
+        handles = [layers[c - 1].register_forward_hook(cut) for c in self.cut_layers]
         handles += [layer.register_forward_pre_hook(self._follow, with_kwargs=True) for layer in layers[self.layer :]]
         try:
             yield
@@ -131,10 +180,11 @@ class LayerCut(AttentionHook):
         start = time.perf_counter()
         try:
             index = module.layer_idx
-            if index == self.layer - 1:
-                self.valid = valid
-                self.observe(query, key, valid, scaling)
-            if index < self.layer or self.keeps_everything:
+            if index + 1 in self.cut_layers:
+                if self.valid is None:
+                    self.valid = valid
+                self.observe(query, key, valid if self.real is None else self.real.to(valid.device), scaling)
+            if self.stage_of(index) == 0 or self.keeps_everything:
                 return mask
             full = causal_mask(self.real) if mask is None else mask.bool()
             eye = torch.eye(full.shape[-1], dtype=torch.bool, device=full.device)
@@ -143,39 +193,55 @@ class LayerCut(AttentionHook):
             self.seconds += time.perf_counter() - start
 
     def _cut(self, output, language_model: nn.Module):
-        """Layer K-1's output: only the rows that go on."""
+        """A cut layer's output: only the rows that go on."""
         start = time.perf_counter()
         hidden = output[0] if isinstance(output, tuple) else output
-        if self.kept is None:
+        if self.kept is None:  # nothing observed in the attention: the subclass chooses from the output
             self.choose(hidden, language_model)
         valid = self.valid.to(hidden.device)
         stays = (valid & ~self.visual.to(valid.device)) | self.kept.to(valid.device)
-        self.order, self.real = rows_that_go_on(stays)
-        cut = take_positions(hidden, self.order, dim=1)
+        order, real = rows_that_go_on(stays)
+        rows = order if self.order is None else self._rows_of(order)
+        self.orders.append(order)
+        self.reals.append(real)
+        self.counts.append(self.kept.sum(1))
+        cut = take_positions(hidden, rows, dim=1)
         self.seconds += time.perf_counter() - start
         return (cut, *output[1:]) if isinstance(output, tuple) else cut
 
+    def _rows_of(self, order: torch.Tensor) -> torch.Tensor:
+        """The rows of the current stage holding the LLM-input positions ``order`` (B, L'); a position
+        not in the stage (padding filler of the new one) maps to row 0."""
+        where = torch.zeros(self.visual.shape, dtype=torch.long, device=order.device)
+        rows = torch.arange(self.order.shape[1], device=order.device).expand_as(self.order)
+        where = where.scatter(1, self.order.to(order.device), torch.where(self.real.to(order.device), rows, 0))
+        return where.gather(1, order)
+
     def _follow(self, module, args, kwargs):
-        """A later layer's inputs: the rotary embeddings, position ids and mask of the rows that went on."""
+        """A later layer's inputs: the rotary embeddings, position ids and mask of its stage's rows."""
         start = time.perf_counter()
+        order = self.orders[self.stage_of(module.self_attn.layer_idx) - 1]
         kwargs = dict(kwargs)
         if (rotary := kwargs.get("position_embeddings")) is not None:
-            kwargs["position_embeddings"] = tuple(take_positions(t, self.order, dim=-2) for t in rotary)
+            kwargs["position_embeddings"] = tuple(take_positions(t, order, dim=-2) for t in rotary)
         if (positions := kwargs.get("position_ids")) is not None:
-            kwargs["position_ids"] = take_positions(positions, self.order, dim=-1)
+            kwargs["position_ids"] = take_positions(positions, order, dim=-1)
         if isinstance(mask := kwargs.get("attention_mask"), torch.Tensor):
-            kwargs["attention_mask"] = take_mask(mask, self.order)
+            kwargs["attention_mask"] = take_mask(mask, order)
         self.seconds += time.perf_counter() - start
         return args, kwargs
 
     # --- decoding -----------------------------------------------------------------------------
     def valid_columns(self, index: int, length: int) -> torch.Tensor | None:
-        if index < self.layer or self.real is None:
+        stage = self.stage_of(index)
+        if stage == 0 or len(self.reals) < stage:
             return None
-        steps = length - self.real.shape[1]
-        return torch.cat([self.real, self.real.new_ones(self.real.shape[0], steps)], dim=1)
+        real = self.reals[stage - 1]
+        steps = length - real.shape[1]
+        return torch.cat([real, real.new_ones(real.shape[0], steps)], dim=1)
 
     def decode(self, module, query, key, value, key_valid, scaling):
-        if module.layer_idx < self.layer or self.real is None:
+        columns = self.valid_columns(module.layer_idx, key.shape[-2])
+        if columns is None:
             return key, value, key_valid
-        return key, value, self.valid_columns(module.layer_idx, key.shape[-2]).to(key_valid.device)
+        return key, value, columns.to(key_valid.device)

@@ -121,5 +121,5 @@ class DART(Method):
     def report(self, hooks, sample: int, account) -> dict:
         (hook,) = [h for h in hooks if isinstance(h, DARTPruning)]
         dropped = hook.dropped_per_sample()[sample]
-        account.llm_drop = (self.layer, int(dropped))
+        account.llm_drops = hook.drops(sample)
         return {"dart": {"layer": self.layer, "dropped_visual": int(dropped)}}

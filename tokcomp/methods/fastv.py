@@ -20,25 +20,33 @@ if TYPE_CHECKING:
     from tokcomp.models.adapters import VLMAdapter
 
 
+def last_token_attention(query, key, valid, scaling) -> torch.Tensor:
+    """(B, L) the attention the last query pays every key (softmax over the valid ones, mean over heads)."""
+    groups = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    logits = (query[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
 @dataclass
 class FastVPruning(LayerCut):
-    """One batch's FastV: ranks by the last token's attention in layer K-1, then cuts after it."""
+    """One batch's FastV: at each cut, the ``keep`` share of the visual tokens still in the sequence
+    that the last token attends to most in the layer before goes on (one cut for FastV, several for
+    PyramidDrop)."""
 
     def observe(self, query, key, valid, scaling) -> None:
         self._rank(query, key, valid, scaling)
 
     def _rank(self, query, key, valid, scaling) -> None:
-        groups = query.shape[1] // key.shape[1]
-        keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-        logits = (query[:, :, -1:].float() @ keys.float().transpose(-1, -2)) * scaling
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        received = logits.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, L): attention from the last token
-        self.kept = torch.zeros_like(self.visual)
+        received = self.to_input(last_token_attention(query, key, valid, scaling), float("-inf"))
+        current = self.current_visual().to(received.device)
+        kept = torch.zeros_like(self.visual)
         for b in range(self.visual.shape[0]):
-            k = self.budget(int(self.visual[b].sum()))
-            scores = received[b].masked_fill(~self.visual[b], float("-inf"))
+            k = self.budget(int(current[b].sum()))
             if k:
-                self.kept[b, S.top_k_stable(scores, k)] = True
+                kept[b, S.top_k_stable(received[b].masked_fill(~current[b], float("-inf")), k).to(kept.device)] = True
+        self.kept = kept
 
 
 def check_cut_layer(name: str, layer: int, adapter: VLMAdapter) -> None:
@@ -70,5 +78,5 @@ class FastV(Method):
     def report(self, hooks, sample: int, account) -> dict:
         (hook,) = [h for h in hooks if isinstance(h, FastVPruning)]
         dropped = hook.dropped_per_sample()[sample]
-        account.llm_drop = (self.layer, int(dropped))
+        account.llm_drops = hook.drops(sample)
         return {"fastv": {"layer": self.layer, "dropped_visual": int(dropped)}}

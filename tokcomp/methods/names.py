@@ -1,6 +1,6 @@
 """The registry's method names, importable without torch (for the CLI's help); a test keeps them equal."""
 
 METHOD_NAMES = (
-    "none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "dart", "random", "divprune", "cdpruner",
-    "visionzip",
+    "none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "dart", "pyramiddrop", "random", "divprune",
+    "cdpruner", "visionzip",
 )  # fmt: skip
