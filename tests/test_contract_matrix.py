@@ -29,6 +29,7 @@ from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
 from tokcomp.methods.fastv import FastVPruning, last_token_attention
 from tokcomp.methods.pruning import DivPrune
 from tokcomp.methods.registry import METHODS, build_method
+from tokcomp.methods.vidcom2 import frame_budgets, vidcom2_select
 from tokcomp.pipeline import Pipeline, Request
 
 # A neutral setting per method, and the functions (``module:attr`` or ``module:Class.attr``) that must
@@ -48,6 +49,7 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
     "divprune": ({"ratio": "1"}, ["tokcomp.methods.pruning:DivPrune.score"]),
     "cdpruner": ({"ratio": "1"},
                  ["tokcomp.methods.cdpruner:greedy_dpp", "tokcomp.methods.cdpruner:instruction_relevance"]),
+    "vidcom2": ({"ratio": "1", "temperature": "inf"}, ["tokcomp.methods.vidcom2:vidcom2_select"]),
     # every token left after the dominant ones is a contextual centre of its own: nothing merges
     "visionzip": ({"dominant": "10", "contextual": "100000"},
                   ["tokcomp.methods.trace:EncoderTrace.record", "tokcomp.methods.visionzip:VisionZip.groups",
@@ -69,6 +71,7 @@ COMPRESSING: dict[str, list[dict[str, str]]] = {
     "divprune": [{"ratio": "0.25"}],
     "cdpruner": [{"ratio": "0.25"}, {"ratio": "0.3", "theta": "0"}],
     "visionzip": [{"dominant": "20", "contextual": "6"}],
+    "vidcom2": [{"ratio": "0.25"}, {"ratio": "0.4", "temperature": "1"}],
 }
 
 # The behavioural oracle(s) of each method: test functions of this module.
@@ -89,6 +92,8 @@ ORACLES: dict[str, list[str]] = {
     "cdpruner": ["test_cdpruner_picks_the_greedy_largest_determinant_weighted_by_relevance",
                  "test_cdpruner_keeps_the_dpp_choice_of_each_image_in_the_model"],
     "visionzip": ["test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_groups"],
+    "vidcom2": ["test_vidcom2_gives_the_odd_frame_more_and_keeps_the_least_typical_tokens",
+                "test_vidcom2_keeps_its_choice_of_each_frame_in_the_model"],
 }  # fmt: skip
 
 PROMPTS = ["what is in the picture ?", "describe it", "how many objects are there in these pictures ?"]
@@ -625,6 +630,37 @@ def test_cdpruner_keeps_the_dpp_choice_of_each_image_in_the_model(adapter, photo
         assert got == greedy_dpp(conditional_kernel(features, relevance, 0.5), budget).tolist()
         # relevance matters: without it (theta 0) the same budget picks another set
         assert got != greedy_dpp(conditional_kernel(features, relevance, 0.0), budget).tolist()
+
+
+def test_vidcom2_gives_the_odd_frame_more_and_keeps_the_least_typical_tokens():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 8, generator=generator)
+    frames = base + 0.05 * torch.randn(4, 10, 8, generator=generator)  # four alike frames ...
+    frames[2] = -base + 0.05 * torch.randn(10, 8, generator=generator)  # ... but frame 2 is unlike the video
+    frames[1, 7] = torch.randn(8, generator=generator) * 3  # and frame 1 has one token unlike its frame
+    kept = vidcom2_select(frames, 0.3, channels=1.0, temperature=0.01)
+    sizes = [len(k) for k in kept]
+    assert sizes[2] == max(sizes) > sizes[0] and abs(sum(sizes) - round(0.3 * 40)) <= 1  # rounding per frame
+    assert 7 in kept[1].tolist()
+    # the budgets add up to the ratio of the video, and an infinite temperature spreads it evenly
+    budgets = frame_budgets(torch.tensor([0.0, 1.0, 0.2, 0.1]), 0.25, 100, 0.5)
+    assert sum(budgets) == 100 and budgets[1] == max(budgets)
+    assert frame_budgets(torch.tensor([0.0, 1.0, 0.2]), 0.25, 100, float("inf")) == [25, 25, 25]
+
+
+def test_vidcom2_keeps_its_choice_of_each_frame_in_the_model(adapter, photos):
+    if "video" not in _cases(adapter, "vidcom2"):
+        pytest.skip(f"no video on {adapter.family}")
+    request = _requests("video", photos, 3)[1]  # five frames
+    sets = _compressing("vidcom2")
+    pipe = Pipeline(adapter, _method(adapter, "vidcom2", sets))
+    account = pipe.generate([request], 1)[0].account
+    (unit,) = pipe.visual_tokens([request])[0]
+    n, count = unit.frame_tokens, unit.num_frames
+    frames = unit.position_features()[: count * n].reshape(count, n, -1)
+    expected = sum(len(k) for k in vidcom2_select(frames, float(sets["ratio"])))
+    assert account.visual_kept == expected + (unit.num_positions - count * n)  # and the trailing newline
+    assert account.visual_kept < account.visual_full
 
 
 def test_random_keeps_exactly_the_budget_and_is_seeded(adapter, photos):

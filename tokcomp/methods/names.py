@@ -2,5 +2,5 @@
 
 METHOD_NAMES = (
     "none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "dart", "pyramiddrop", "random", "divprune",
-    "cdpruner", "visionzip",
+    "cdpruner", "visionzip", "vidcom2",
 )  # fmt: skip

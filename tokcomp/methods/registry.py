@@ -11,7 +11,17 @@ import yaml
 
 from tokcomp import resources
 from tokcomp.errors import TokcompError
-from tokcomp.methods import cdpruner, dart, dycoke, dymu, fastv, pruning, pyramiddrop, visionzip  # noqa: F401  (each registers its methods)
+from tokcomp.methods import (  # noqa: F401  (each registers its methods)
+    cdpruner,
+    dart,
+    dycoke,
+    dymu,
+    fastv,
+    pruning,
+    pyramiddrop,
+    vidcom2,
+    visionzip,
+)
 from tokcomp.methods.base import Composed, Method
 from tokcomp.methods.calibrations import calibration_name, stored_calibration
 from tokcomp.methods.names import METHOD_NAMES
