@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 UV_VERSION := 0.13.9
 LOCK := requirements.lock
 
-.PHONY: install lock check-venv test lint demo calibrations benchmarks baselines regress gate-runs gate-noise readme-results \
+.PHONY: install lock check-venv test lint demo calibrations train-v2 benchmarks baselines regress gate-runs gate-noise readme-results \
   gpu-check clean-venv wheel-check
 
 install: $(STAMP)
@@ -128,6 +128,17 @@ calibrations: install
 	for budget in low mid high; do \
 	  $(BIN)/tokcomp calibrate --model tokcomp-tiny --budget $$budget --data builtin:tasks --batch-size 16 \
 	    --out calib/tokcomp-tiny/$$budget.yaml || exit 1; done
+
+# tokcomp-tiny v2 (issue 15): the recorded recipe, resumed from its committed state when there is one. A
+# run takes TRAIN_ARGS (e.g. TRAIN_ARGS="--stop-after-minutes 120 --threads 2"); the finished model is
+# written to checkpoints/tokcomp-tiny-v2/ with its training.json, curve and model card.
+V2 := checkpoints/tokcomp-tiny-v2
+V2_RECIPE := --size v2 --steps 16000 --evidence-weight 0.2 --query-weight 0.5 --bind-weight 0.5 \
+  --kind-weight position=3 --kind-weight direction=2 --kind-weight disappear=2 --task-weight tc_shapes=3 \
+  --task-weight tc_text=1 --task-weight tc_multi=4 --task-weight tc_motion=3
+train-v2: install
+	if [ -f $(V2).train/state.pt ]; then $(BIN)/tokcomp train-tiny --out $(V2) --resume $(TRAIN_ARGS); \
+	else $(BIN)/tokcomp train-tiny --out $(V2) $(V2_RECIPE) $(TRAIN_ARGS); fi
 
 # BENCHMARKS.md: the target cases of tokcomp/benchmark/benchmarks_md.py (each JSON's name is its case) on the
 # real-shape presets (random weights), then the Markdown from the JSON reports. CPU-sized: the LLMs run
