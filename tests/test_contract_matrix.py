@@ -27,6 +27,7 @@ from tokcomp.methods.dart import DARTPruning, least_duplicated
 from tokcomp.methods.dtome import encoder_layers
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
 from tokcomp.methods.fastv import FastVPruning, last_token_attention
+from tokcomp.methods.prumerge import absorbing_groups, attention_outliers, spread_samples
 from tokcomp.methods.pruning import DivPrune
 from tokcomp.methods.registry import METHODS, build_method
 from tokcomp.methods.vidcom2 import frame_budgets, vidcom2_select
@@ -50,6 +51,9 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
     "cdpruner": ({"ratio": "1"},
                  ["tokcomp.methods.cdpruner:greedy_dpp", "tokcomp.methods.cdpruner:instruction_relevance"]),
     "vidcom2": ({"ratio": "1", "temperature": "inf"}, ["tokcomp.methods.vidcom2:vidcom2_select"]),
+    # every patch sampled (stride 1) and nothing absorbed
+    "prumerge": ({"spread": "1000", "neighbours": "0"},
+                 ["tokcomp.methods.prumerge:attention_outliers", "tokcomp.methods.prumerge:absorbing_groups"]),
     # every token left after the dominant ones is a contextual centre of its own: nothing merges
     "visionzip": ({"dominant": "10", "contextual": "100000"},
                   ["tokcomp.methods.trace:EncoderTrace.record", "tokcomp.methods.visionzip:VisionZip.groups",
@@ -72,6 +76,7 @@ COMPRESSING: dict[str, list[dict[str, str]]] = {
     "cdpruner": [{"ratio": "0.25"}, {"ratio": "0.3", "theta": "0"}],
     "visionzip": [{"dominant": "20", "contextual": "6"}],
     "vidcom2": [{"ratio": "0.25"}, {"ratio": "0.4", "temperature": "1"}],
+    "prumerge": [{"spread": "3", "neighbours": "8"}, {"spread": "0", "neighbours": "4"}],
 }
 
 # The behavioural oracle(s) of each method: test functions of this module.
@@ -92,6 +97,7 @@ ORACLES: dict[str, list[str]] = {
     "cdpruner": ["test_cdpruner_picks_the_greedy_largest_determinant_weighted_by_relevance",
                  "test_cdpruner_keeps_the_dpp_choice_of_each_image_in_the_model"],
     "visionzip": ["test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_groups"],
+    "prumerge": ["test_prumerge_keeps_the_attention_outliers_and_even_samples_and_absorbs_by_key"],
     "vidcom2": ["test_vidcom2_gives_the_odd_frame_more_and_keeps_the_least_typical_tokens",
                 "test_vidcom2_keeps_its_choice_of_each_frame_in_the_model"],
 }  # fmt: skip
@@ -99,7 +105,7 @@ ORACLES: dict[str, list[str]] = {
 PROMPTS = ["what is in the picture ?", "describe it", "how many objects are there in these pictures ?"]
 # Methods that work inside the vision encoder: not on families without encoder stages yet (Qwen2.5-VL;
 # tests/test_qwen.py checks they refuse in one line there).
-ENCODER_METHODS = {"dymu", "dtome", "tome", "visionzip"}
+ENCODER_METHODS = {"dymu", "dtome", "tome", "visionzip", "prumerge"}
 NEW_TOKENS = 3
 NAMES = list(METHODS)
 
@@ -661,6 +667,43 @@ def test_vidcom2_keeps_its_choice_of_each_frame_in_the_model(adapter, photos):
     expected = sum(len(k) for k in vidcom2_select(frames, float(sets["ratio"])))
     assert account.visual_kept == expected + (unit.num_positions - count * n)  # and the trailing newline
     assert account.visual_kept < account.visual_full
+
+
+def test_prumerge_keeps_the_attention_outliers_and_even_samples_and_absorbs_by_key(adapter, photos):
+    scores = torch.tensor([1.0, 1.1, 0.9, 1.0, 9.0, 1.05, 0.95, 1.0, 7.0, 1.0, 1.02, 0.98])
+    assert attention_outliers(scores).tolist() == [4, 8]  # above Q3 + 1.5 IQR
+    assert spread_samples(12, torch.tensor([4, 8]), 3.0).tolist() == [0, 2, 6, 10]  # stride 12 / 2 / 3 = 2
+    keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    groups = absorbing_groups(keys, torch.tensor([0, 2]), 1)
+    assert [g.tolist() for g in groups] == [[0, 1], [2, 3]]  # each with its nearest by key
+    _encoder_stages(adapter)
+    sets = _compressing("prumerge")
+    method = _method(adapter, "prumerge", sets)
+    request = _requests("image", photos, 1)[0]
+    with method(adapter):
+        pipe = Pipeline(adapter, method)
+        (unit,) = pipe.visual_tokens([request])[0]
+        (kept,) = pipe.select(request, ["image"], [unit])
+    # per view: the outliers of the traced attention plus the even samples, each merged with its neighbours
+    scored = torch.isfinite(unit.trace)
+    expected = int((~scored).sum())
+    for view in unit.provenance[scored, 0].unique().tolist():
+        where = torch.nonzero(scored & (unit.provenance[:, 0] == view)).flatten()
+        outliers = attention_outliers(unit.trace[where])
+        outliers = outliers if outliers.numel() else S.top_k_stable(unit.trace[where], 1)  # none: the peak
+        expected += outliers.numel() + spread_samples(where.numel(), outliers, float(sets["spread"])).numel()
+    assert kept.num_positions == expected < unit.num_positions
+    # the first kept token of the first view: the attention-weighted mean of itself and its neighbours
+    where = torch.nonzero(scored & (unit.provenance[:, 0] == unit.provenance[scored, 0].min())).flatten()
+    outliers = attention_outliers(unit.trace[where])
+    outliers = outliers if outliers.numel() else S.top_k_stable(unit.trace[where], 1)
+    chosen = torch.cat([outliers, spread_samples(where.numel(), outliers, float(sets["spread"]))]).sort().values
+    group = absorbing_groups(unit.trace_keys[where], chosen, int(sets["neighbours"]))[0]
+    weights = unit.trace[where][group].float()
+    members = unit.position_features()[where[group]].float()
+    row = torch.nonzero(kept.positions == unit.positions[where[chosen[0]]]).flatten()[0]
+    expected_feature = (weights[:, None] * members).sum(dim=0) / weights.sum()
+    torch.testing.assert_close(kept.position_features()[row].float(), expected_feature, atol=1e-5, rtol=1e-4)
 
 
 def test_random_keeps_exactly_the_budget_and_is_seeded(adapter, photos):

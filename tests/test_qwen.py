@@ -166,7 +166,7 @@ def test_the_pipeline_answers_as_stock_generate_does(qwen, batch, name):
         assert (got.account.visual_kept, got.account.visual_full) == (account.visual_kept, account.visual_full)
 
 
-@pytest.mark.parametrize("name", ["dtome", "visionzip"])
+@pytest.mark.parametrize("name", ["dtome", "visionzip", "prumerge"])
 def test_encoder_stage_methods_say_they_do_not_run_on_this_family_yet(qwen, batch, name):
     _, _, inputs = batch
     sets = {"threshold": float("inf")} if name == "dtome" else {}

@@ -23,6 +23,10 @@ NEUTRAL = {
     "divprune": {"ratio": "1.0"},
     "adaptive": {"rho": "1.0", "floor": "1.0"},
     "fastv": {"R": "1.0"},
+    "dart": {"R": "1.0"},
+    "pyramiddrop": {"keep": "1.0"},
+    "cdpruner": {"ratio": "1.0"},
+    "prumerge": {"spread": "1000", "neighbours": "0"},
     "tome": {"r": "0"},
     "dymu": {"threshold": "inf"},
     "dtome": {"threshold": "inf"},
@@ -40,6 +44,11 @@ BY_METHOD = {
     "random": ("random-25", None),
     "divprune": ("divprune-25", None),
     "visionzip": ("visionzip", {"dominant": "20", "contextual": "4"}),
+    "dart": ("dart", None),
+    "pyramiddrop": ("pyramiddrop", None),
+    "cdpruner": ("cdpruner", None),
+    "vidcom2": ("vidcom2", None),
+    "prumerge": ("prumerge", None),
 }
 
 
@@ -202,7 +211,7 @@ def test_every_registered_method_has_a_stock_generate_row():
 @pytest.mark.parametrize("spec", [*sorted(BY_METHOD), "dymu-dycoke"])
 def test_every_method_runs_under_greedy_sampling_and_beams_or_refuses(llava_ov, photos, spec, mode):
     spec, sets = BY_METHOD.get(spec, (spec, None))
-    video = spec in ("dycoke", "dymu-dycoke")
+    video = spec in ("dycoke", "dymu-dycoke", "vidcom2")
     frames = [photos[k % 6] for k in range(4)]
     inputs = stock_inputs(llava_ov, ["what is it?"], [[] if video else [photos[5]]], videos=[frames] if video else None)
     method = _method(llava_ov, spec, sets)
@@ -214,7 +223,7 @@ def test_every_method_runs_under_greedy_sampling_and_beams_or_refuses(llava_ov, 
         out = _generate(llava_ov.model, inputs, **MODES.get(mode, {"do_sample": False}))
     assert out.sequences.shape[1] > inputs["input_ids"].shape[1] and len(method.accounts) == 1
     (account,) = method.accounts
-    if spec in ("none", "fastv"):  # FastV prunes inside the LLM: its prefill input is whole
+    if spec in ("none", "fastv", "dart", "pyramiddrop"):  # these prune inside the LLM: the prefill input is whole
         assert account.visual_kept == account.visual_full
     else:
         assert account.visual_kept < account.visual_full

@@ -138,10 +138,13 @@ def _per_position(unit: UnitTokens, keep: torch.Tensor) -> dict[str, torch.Tenso
     return {n: None if getattr(unit, n) is None else getattr(unit, n)[keep.to(getattr(unit, n).device)] for n in names}
 
 
-def merge_positions(unit: UnitTokens, groups: list[torch.Tensor]) -> UnitTokens:
+def merge_positions(
+    unit: UnitTokens, groups: list[torch.Tensor], weights: list[torch.Tensor] | None = None
+) -> UnitTokens:
     """Positions of ``unit`` merged in groups: each group (indices into the unit's positions) becomes one
     position at the stock position of its *first* index, carrying the mean of the group's embeddings
-    (and traces); positions in no group are dropped and positions keep their order.
+    (and traces), or with ``weights`` (one per member) their weighted mean; positions in no group are
+    dropped and positions keep their order. Groups may share members.
 
     A group of one is that position as it is, so with groups of one only this is ``select_positions``
     (bit for bit). A merged position is its own unique token and has provenance (view of the first, -1).
@@ -151,11 +154,20 @@ def merge_positions(unit: UnitTokens, groups: list[torch.Tensor]) -> UnitTokens:
     if all(len(g) == 1 for g in groups):
         return select_positions(unit, heads[order])
     groups = [groups[int(i)].to(unit.mapping.device) for i in order]
+    shares = None if weights is None else [weights[int(i)].float() for i in order]
     feats = unit.position_features()
 
     def mean(values: torch.Tensor) -> torch.Tensor:
-        rows = [values[g].float().mean(dim=0) if len(g) > 1 else values[g[0]].float() for g in groups]
-        return torch.stack(rows).to(values.dtype)
+        def one(j: int, g: torch.Tensor) -> torch.Tensor:
+            if len(g) == 1:
+                return values[g[0]].float()
+            w = None if shares is None else shares[j].to(values.device)
+            if w is None or not float(w.sum()) > 0:
+                return values[g].float().mean(dim=0)
+            w = w.view(-1, *[1] * (values.dim() - 1))  # over the members, whatever a member's shape
+            return (w * values[g].float()).sum(dim=0) / w.sum()
+
+        return torch.stack([one(j, g) for j, g in enumerate(groups)]).to(values.dtype)
 
     extra = _per_position(unit, heads[order])
     if extra["provenance"] is not None:
