@@ -157,8 +157,8 @@ class StockBridge:
         call.hooks = hooks
         prefill_hooks = [h for h in hooks if h.active_in_prefill]
         if len(hooks) > 1 and any(h.cuts_sequence for h in hooks):
-            raise TokcompError(f"{method.label}: a method that cuts the sequence inside the LLM (fastv) cannot be "
-                               "combined with other LLM-side methods yet")  # fmt: skip
+            raise TokcompError(f"{method.label}: a method that cuts the sequence inside the LLM (fastv, dart, "
+                               "pyramiddrop) cannot be combined with other LLM-side methods yet")  # fmt: skip
         if use_vtu and any(not h.keeps_everything for h in prefill_hooks):  # keeping everything prunes nothing
             raise TokcompError(f"{method.name}: VTU cannot be combined with pruning inside the prefill")
         if use_vtu:
