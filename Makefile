@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 UV_VERSION := 0.13.9
 LOCK := requirements.lock
 
-.PHONY: install lock check-venv test lint demo calibrations train-v2 benchmarks baselines regress gate-runs gate-noise readme-results \
+.PHONY: install lock check-venv test lint demo compare calibrations train-v2 benchmarks baselines regress gate-runs gate-noise readme-results \
   gpu-check clean-venv wheel-check
 
 install: $(STAMP)
@@ -81,6 +81,25 @@ demo: install
 	  --out $(DEMO)/merges.png
 	$(call eval_runs,$(DEMO_RUNS),$(DEMO)/runs,$(DEMO_LIMIT),$(PAIRED))
 	$(TOKCOMP) report $(DEMO)/runs/*/ --plot $(DEMO)/accuracy-vs-tokens.png
+
+# Every method at matched budgets (11, 22, 33 % of the visual tokens; tokcomp/results/compare.py) on the
+# built-in suites, each run timing the plain model on every sample too, then one report with intervals,
+# agreement and the plot (results/compare/). DyMU is calibrated to each budget's token count first.
+COMPARE := results/compare
+COMPARE_LIMIT ?= 40
+compare: install
+	mkdir -p $(COMPARE)
+	$(BIN)/python -m tokcomp.results.compare --patches 64 > $(COMPARE)/plan.tsv
+	while IFS='	' read -r label method sets tasks tokens; do \
+	  calib=; if [ "$$tokens" != "-" ]; then calib="--calib $(COMPARE)/calib-$$tokens.yaml"; \
+	    [ -f $(COMPARE)/calib-$$tokens.yaml ] || $(TOKCOMP) calibrate --model tokcomp-tiny --budget $$tokens \
+	      --data builtin:tasks --batch-size 16 --out $(COMPARE)/calib-$$tokens.yaml || exit 1; fi; \
+	  [ "$$sets" = "-" ] && sets=; \
+	  $(TOKCOMP) eval --model tokcomp-tiny --method $$method $$sets $$calib --task $$tasks --limit $(COMPARE_LIMIT) \
+	    --label $$label --paired-timing --out $(COMPARE)/runs/$$label < /dev/null || exit 1; \
+	done < $(COMPARE)/plan.tsv
+	$(TOKCOMP) report $(COMPARE)/runs/*/ --format md --out $(COMPARE)/report.md --plot $(COMPARE)/accuracy-vs-tokens.png
+	$(BIN)/python -m tokcomp.results.readme_block README.md compare-table $(COMPARE)/report.md
 
 # Stored baselines of tokcomp-tiny (results/baselines/) and the CI gate that re-runs a subset of them
 # on the same documents and fails on a regression (tolerances: configs/regress-tolerances.yaml).

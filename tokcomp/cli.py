@@ -571,6 +571,7 @@ def eval_command(
     paired_timing: bool = typer.Option(
         False, "--paired-timing", help="Also time the plain model on every sample, interleaved (same-run speed ratios)."
     ),
+    label: str = typer.Option(None, "--label", help="The run's name in reports (default: the --method value)."),
 ) -> None:
     """Evaluate a model with a method on lmms-eval tasks; write results.json and samples.jsonl."""
     if not verbose:  # tqdm reads this when it is imported, so before lmms-eval and datasets are
@@ -596,7 +597,7 @@ def eval_command(
     request = EvalRequest(
         tasks=names, model=model, method=method, calib=str(calib) if calib else None, settings=parse_sets(settings),
         limit=limit, data_files=data_files, batch_size=batch_size, frames=frames, dtype=dtype, verbose=verbose,
-        device=device, device_map=device_map, paired_timing=paired_timing,
+        device=device, device_map=device_map, paired_timing=paired_timing, label=label,
     )  # fmt: skip
     results = run_eval(request, out_dir, log=lambda m: console.print(m))
     if not results:  # a worker of a multi-process run: rank 0 reports

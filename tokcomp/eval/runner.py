@@ -44,6 +44,7 @@ class EvalRequest:
     progress: bool = True
     verbose: bool = False  # lmms-eval's own log lines and progress bars
     paired_timing: bool = False  # also time the plain model on every sample, interleaved
+    label: str | None = None  # the run's name in reports (default: the method spec)
 
 
 def sample_score(value) -> float | None:
@@ -336,7 +337,10 @@ def assemble(raw: dict, model, request: EvalRequest, leaves: list[str]) -> tuple
     return {
         "schema": SCHEMA,
         "model": request.model,
-        "method": {"spec": request.method, "name": model.method.name, "settings": _jsonable(model.method.settings())},
+        "method": {
+            "spec": request.label or request.method, "name": model.method.name,
+            "settings": _jsonable(model.method.settings()),
+        },
         "calibration": request.calib,
         "dtype": model.adapter.dtype_name,
         "limit": request.limit,
