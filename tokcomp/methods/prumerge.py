@@ -13,10 +13,8 @@ import torch
 
 from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
-from tokcomp.methods.base import Method
 from tokcomp.methods.settings import register
-from tokcomp.methods.trace import TraceSpec
-from tokcomp.models.visual import UnitTokens, merge_positions
+from tokcomp.methods.views import TracedViewSelection
 
 
 def attention_outliers(scores: torch.Tensor) -> torch.Tensor:
@@ -48,46 +46,23 @@ def absorbing_groups(keys: torch.Tensor, kept: torch.Tensor, neighbours: int) ->
 
 @register
 @dataclass
-class PruMergePlus(Method):
+class PruMergePlus(TracedViewSelection):
     """PruMerge+: per view the attention outliers plus even samples (``spread`` per outlier), each kept
     token the attention-weighted mean of itself and its ``neighbours`` nearest by key."""
 
     name: ClassVar[str] = "prumerge"
     spread: float = 3.0  # even samples per outlier (the "+"; 0: PruMerge, outliers only)
     neighbours: int = 32  # tokens each kept one absorbs (0: none)
-    layer: int | None = None  # traced encoder layer, counted from 1 (None: the one the VLM reads)
 
-    def encoder_trace(self, adapter) -> TraceSpec:
-        return TraceSpec(self.layer or adapter.feature_layer, keys=True)
-
-    def check(self, adapter) -> None:
+    def check_settings(self) -> None:
         if self.spread < 0 or self.neighbours < 0:
             raise TokcompError("prumerge: spread and neighbours must be >= 0")
-        if not 1 <= self.encoder_trace(adapter).layer <= adapter.num_layers:
-            raise TokcompError(f"prumerge: layer must be between 1 and {adapter.num_layers}")
 
-    @property
-    def keeps_positions(self) -> bool:
-        return True
-
-    def select_request(self, adapter, kinds, tokens: list[UnitTokens], text, record=None):
-        out = []
-        for unit in tokens:
-            if unit.trace is None or unit.trace_keys is None:
-                raise TokcompError("prumerge: these tokens carry no encoder trace (attach the method first)")
-            scored = torch.isfinite(unit.trace)
-            groups = list(torch.nonzero(~scored))  # newlines (and a kept CLS) stay as they are
-            weights = [torch.ones(1) for _ in groups]
-            for view in unit.provenance[scored, 0].unique().tolist():
-                where = torch.nonzero(scored & (unit.provenance[:, 0] == view)).flatten()
-                scores, keys = unit.trace[where], unit.trace_keys[where]
-                kept = attention_outliers(scores)
-                if not kept.numel():  # attention with no outlier: its peak stands for them
-                    kept = S.top_k_stable(scores, 1)
-                if self.spread:
-                    kept = torch.cat([kept, spread_samples(where.numel(), kept, self.spread)]).sort().values
-                for group in absorbing_groups(keys, kept, self.neighbours):
-                    groups.append(where[group])
-                    weights.append(scores[group].float())
-            out.append(merge_positions(unit, groups, weights))
-        return out
+    def view_groups(self, scores: torch.Tensor, keys: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        kept = attention_outliers(scores)
+        if not kept.numel():  # attention with no outlier: its peak stands for them
+            kept = S.top_k_stable(scores, 1)
+        if self.spread:
+            kept = torch.cat([kept, spread_samples(scores.shape[0], kept, self.spread)]).sort().values
+        groups = absorbing_groups(keys, kept, self.neighbours)
+        return groups, [scores[g].float() for g in groups]

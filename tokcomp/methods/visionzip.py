@@ -9,15 +9,13 @@ import torch
 
 from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
-from tokcomp.methods.base import Method
 from tokcomp.methods.settings import register
-from tokcomp.methods.trace import TraceSpec
-from tokcomp.models.visual import UnitTokens, merge_positions
+from tokcomp.methods.views import TracedViewSelection
 
 
 @register
 @dataclass
-class VisionZip(Method):
+class VisionZip(TracedViewSelection):
     """VisionZip (CVPR 2025): per encoder view, ``dominant`` tokens by attention plus ``contextual`` merged ones.
 
     From the paper, on every encoder view (image, AnyRes crop, video frame): keep the ``dominant``
@@ -37,33 +35,13 @@ class VisionZip(Method):
     name: ClassVar[str] = "visionzip"
     dominant: int = 54  # kept per view, by encoder attention
     contextual: int = 10  # merged tokens per view
-    layer: int | None = None  # traced encoder layer, counted from 1 (None: the feature layer)
 
-    def encoder_trace(self, adapter) -> TraceSpec:
-        return TraceSpec(self.layer or adapter.feature_layer, keys=True)
-
-    def check(self, adapter) -> None:
+    def check_settings(self) -> None:
         if self.dominant < 0 or self.contextual < 0 or self.dominant + self.contextual < 1:
             raise TokcompError("visionzip: dominant and contextual must be >= 0, and not both 0")
-        if not 1 <= self.encoder_trace(adapter).layer <= adapter.num_layers:
-            raise TokcompError(f"visionzip: layer must be between 1 and {adapter.num_layers}")
 
-    @property
-    def keeps_positions(self) -> bool:
-        return True
-
-    def select_request(self, adapter, kinds, tokens: list[UnitTokens], text, record=None):
-        out = []
-        for unit in tokens:
-            if unit.trace is None or unit.trace_keys is None:
-                raise TokcompError("visionzip: these tokens carry no encoder trace (attach the method first)")
-            scored = torch.isfinite(unit.trace)
-            groups = list(torch.nonzero(~scored))  # newlines (and a kept CLS) stay as they are
-            for view in unit.provenance[scored, 0].unique().tolist():
-                where = torch.nonzero(scored & (unit.provenance[:, 0] == view)).flatten()
-                groups += [where[g] for g in self.groups(unit.trace[where], unit.trace_keys[where])]
-            out.append(merge_positions(unit, groups))
-        return out
+    def view_groups(self, scores: torch.Tensor, keys: torch.Tensor) -> tuple[list[torch.Tensor], None]:
+        return self.groups(scores, keys), None
 
     def groups(self, scores: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
         """One view's groups (indices into its positions): each dominant one alone, then each contextual
