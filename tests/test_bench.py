@@ -97,15 +97,20 @@ def test_whole_model_prefill_charges_layers_before_the_cut_at_the_plain_time():
     assert whole_model_prefill(6.0, 8.0, used=4, real=32, cut=4) == pytest.approx(48.0)
 
 
-def test_bench_extrapolates_fastv_with_its_cut(tmp_path, capsys):
-    out = tmp_path / "fastv.json"
-    argv = ["bench", "--model", "llava-ov-0.5b-shape", "--llm-layers", "3", "--vision-layers", "1",
-            "--method", "fastv", "--input", "image", "--repeat", "1", "--warmup", "0",
-            "--max-new-tokens", "2", "--no-memory", "--out", str(out)]  # fmt: skip
-    code, _, err = _run(argv, capsys)
-    assert code == 0, err
-    metrics = json.loads(out.read_text())["metrics"]
-    for key in ("prefill_whole_model_ms", "ttft_whole_model_ms", "decode_per_token_whole_model_ms"):
-        assert "layers 0-1 at the plain per-layer time, layers 2-23" in metrics[key]["note"], key
-    assert metrics["visual_tokens"]["method"] == metrics["visual_tokens"]["full"]  # FastV cuts inside the LLM
-    assert metrics["flops_prefill"]["ratio"] < 1
+def test_the_extrapolations_of_a_cut_method_say_how_its_layers_were_charged():
+    from tokcomp.benchmark.bench import _add_extrapolations
+
+    metrics: dict[str, tuple[float, float, str]] = {}
+    times = {("full", "prefill"): 8.0, ("method", "prefill"): 6.0, ("full", "ttft"): 10.0,
+             ("method", "ttft"): 8.0, ("full", "vision"): 1.0, ("method", "vision"): 1.0,
+             ("full", "decode_per_token"): 4.0, ("method", "decode_per_token"): 3.0}  # fmt: skip
+
+    def add(name, full, method, unit, note=""):
+        metrics[name] = (full, method, note)
+
+    _add_extrapolations(add, lambda v, k: times[(v, k)], (4, 32), (1, 1), cut=2)
+    full, method, note = metrics["prefill_whole_model_ms"]
+    assert (full, method) == pytest.approx((64.0, 34.0))  # 2 x 2 ms + 30 x 1 ms
+    assert "layers 0-1 at the plain per-layer time, layers 2-31" in note
+    assert metrics["ttft_whole_model_ms"][:2] == pytest.approx((10 + 56, 8 + 28))
+    assert "layers 2-31" in metrics["decode_per_token_whole_model_ms"][2]

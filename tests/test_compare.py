@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tokcomp.eval.runner import EvalRequest, run_eval
 from tokcomp.methods.registry import METHODS, build_method
 from tokcomp.results.compare import BUDGETS, matched_runs, plan_lines
 
@@ -33,13 +30,3 @@ def test_every_run_is_a_registered_method_at_its_budget():
     lines = plan_lines(runs)
     assert all(len(line.split("\t")) == 5 for line in lines)
     assert lines[0] == "none\tnone\t-\ttc_suites\t-"
-
-
-def test_a_labelled_eval_is_named_by_its_label_in_the_results(suites_dir, tmp_path):
-    run = tmp_path / "random-11"
-    request = EvalRequest(["tc_shapes"], "tokcomp-tiny", method="random", settings={"ratio": "0.111"}, limit=2,
-                          progress=False, label="random-11")  # fmt: skip
-    run_eval(request, run, log=lambda m: None)
-    results = json.loads((run / "results.json").read_text())
-    assert results["method"]["spec"] == "random-11" and results["method"]["name"] == "random"
-    assert results["method"]["settings"]["ratio"] == 0.111

@@ -46,12 +46,14 @@ def test_suite_eval_writes_complete_results_and_samples(suites_dir, tmp_path):
 
 def test_a_method_lowers_the_tokens_and_its_settings_are_recorded(suites_dir, tmp_path):
     run = tmp_path / "dymu"
-    request = EvalRequest(["tc_shapes"], "tokcomp-tiny", method="dymu-mid", limit=3, progress=False)
+    request = EvalRequest(["tc_shapes"], "tokcomp-tiny", method="dymu-mid", limit=3, progress=False,
+                          label="dymu at mid")  # fmt: skip
     run_eval(request, run, log=lambda m: None)
     results, samples = _read(run)
     tokens = results["tasks"]["tc_shapes"]["visual_tokens"]
     assert tokens["mean"] < tokens["full"]
-    assert results["method"]["spec"] == "dymu-mid" and results["method"]["name"] == "dymu"
+    # the label names the run in reports (``--label``); the method and its settings stay recorded
+    assert results["method"]["spec"] == "dymu at mid" and results["method"]["name"] == "dymu"
     assert results["method"]["settings"]["budget"] == "mid"
     assert all(s["visual_tokens"]["kept"] < s["visual_tokens"]["full"] for s in samples)
 
