@@ -9,6 +9,7 @@ variables, so `accelerate launch -m lmms_eval --model tokcomp ...` runs the same
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import subprocess
@@ -146,6 +147,9 @@ def launch(argv: list[str], processes: int) -> int:
     return _wait(workers)
 
 
+GRACE_SECONDS = 5.0  # how long rank 0 may take to end by itself after another worker failed
+
+
 def _wait(workers: list[subprocess.Popen]) -> int:
     """Wait for every worker; when one fails, stop the others (they would wait for it forever)."""
     import time
@@ -154,6 +158,10 @@ def _wait(workers: list[subprocess.Popen]) -> int:
     while any(w.poll() is None for w in workers):
         failed = failed or next((w for w in workers if w.poll() not in (None, 0)), None)
         if failed is not None:
+            if failed is not workers[0]:  # rank 0 meets the same bad input: let it say so itself
+                # (past the grace it is waiting for the failed worker in a collective: it is stopped)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    workers[0].wait(timeout=GRACE_SECONDS)
             for worker in workers:
                 if worker.poll() is None:
                     worker.terminate()
