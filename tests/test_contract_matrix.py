@@ -106,6 +106,7 @@ PROMPTS = ["what is in the picture ?", "describe it", "how many objects are ther
 # Methods that work inside the vision encoder: not on families without encoder stages yet (Qwen2.5-VL;
 # tests/test_qwen.py checks they refuse in one line there).
 ENCODER_METHODS = {"dymu", "dtome", "tome", "visionzip", "prumerge"}
+TRACE_METHODS = {"visionzip", "prumerge"}
 NEW_TOKENS = 3
 NAMES = list(METHODS)
 
@@ -134,7 +135,8 @@ def adapter(request, llava, llava_ov, qwen):
 def _cases(adapter, name: str) -> list[str]:
     """The input kinds this method is checked on for this family: images, and video where the family
     takes it (OneVision, Qwen2.5-VL)."""
-    if name in ENCODER_METHODS and not adapter.supports_encoder_stages:
+    supported = adapter.supports_encoder_traces if name in TRACE_METHODS else adapter.supports_encoder_merging
+    if name in ENCODER_METHODS and not supported:
         pytest.skip(f"{name} works inside the vision encoder: not on the {adapter.family} family yet")
     inputs = METHODS[name].inputs
     kinds = ["image"] if "image" in inputs else []
@@ -144,8 +146,9 @@ def _cases(adapter, name: str) -> list[str]:
 
 
 def _encoder_stages(adapter) -> None:
-    if not adapter.supports_encoder_stages:
-        pytest.skip(f"no encoder stages on the {adapter.family} family yet")
+    """These checks read the LLaVA encoders' merge and trace state (tests/test_qwen_merging.py: Qwen2.5-VL)."""
+    if not adapter.supports_encoder_traces:
+        pytest.skip(f"LLaVA encoder internals; the {adapter.family} family's merging has its own tests")
 
 
 def _requests(kind: str, photos, count: int) -> list[Request]:

@@ -166,11 +166,10 @@ def test_the_pipeline_answers_as_stock_generate_does(qwen, batch, name):
         assert (got.account.visual_kept, got.account.visual_full) == (account.visual_kept, account.visual_full)
 
 
-@pytest.mark.parametrize("name", ["dtome", "visionzip", "prumerge"])
-def test_encoder_stage_methods_say_they_do_not_run_on_this_family_yet(qwen, batch, name):
+@pytest.mark.parametrize("name", ["visionzip", "prumerge"])
+def test_encoder_trace_methods_say_they_do_not_run_on_this_family_yet(qwen, batch, name):
     _, _, inputs = batch
-    sets = {"threshold": float("inf")} if name == "dtome" else {}
-    method = tokcomp.method(name, **sets)
+    method = tokcomp.method(name)
     with pytest.raises(TokcompError, match="inside the vision encoder"), method(qwen.model):
         qwen.model.generate(**inputs, **GEN)
 
@@ -181,17 +180,6 @@ def test_more_placeholder_tokens_than_grids_is_a_clear_error(qwen, batch):
     short = {**inputs, "image_grid_thw": inputs["image_grid_thw"][:1]}
     with pytest.raises(TokcompError, match="more image tokens"), tokcomp.method("random-25")(qwen.model):
         qwen.model(**short)
-
-
-def test_calibrating_a_qwen_model_is_one_clear_line(qwen, tmp_path, capsys):
-    from cli_runner import run_tokcomp
-
-    out = tmp_path / "mid.yaml"
-    argv = ["calibrate", "--model", "tiny-qwen2.5-vl", "--budget", "mid", "--data", "builtin:skimage"]
-    argv += ["--out", str(out)]
-    code, _, err = run_tokcomp(argv, capsys)
-    assert code == 2 and "not supported on the qwen2_5_vl family yet" in err and len(err.strip().splitlines()) == 1
-    assert not out.exists()
 
 
 def test_apply_answers_on_a_video_with_dycoke(qwen, photos, tmp_path, capsys):

@@ -19,7 +19,7 @@ import torch
 
 from tokcomp.errors import TokcompError
 from tokcomp.models.adapters import VLMAdapter
-from tokcomp.models.visual import UnitTokens
+from tokcomp.models.visual import UnitTokens, select_positions
 
 if TYPE_CHECKING:
     from tokcomp.methods.base import Method
@@ -97,6 +97,14 @@ class Batch:
         return text if self.rope is None else torch.cat([text[None], self.rope])
 
 
+def once_each(unit: UnitTokens) -> UnitTokens:
+    """Every merged token once, at the stock position of its first copy (merging without VTU on an M-RoPE
+    family: the LLM input is the unique tokens, each at one stock 3-D position)."""
+    first = torch.full((unit.kept,), unit.num_positions, dtype=torch.long, device=unit.mapping.device)
+    first.scatter_reduce_(0, unit.mapping, torch.arange(unit.num_positions, device=unit.mapping.device), "amin")
+    return select_positions(unit, first.sort().values)
+
+
 def text_token_ids(adapter: VLMAdapter, ids: torch.Tensor) -> torch.Tensor:
     """A prompt's token ids without its image/video placeholders: its text as the LLM reads it."""
     placeholders = [t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None]
@@ -129,12 +137,14 @@ class Assembler:
         trace = adapter.trace  # the encoder trace the method reads, if any: each unit gets it per position
         if trace is not None:
             trace.take()  # nothing traced before this call
-        if not merging:
+        if not merging or adapter.merges_in_stock_features:
             out = []
             for req in units:
                 tokens = adapter.stock_unit_tokens(req)
                 if trace is not None:
                     adapter.add_trace(req, tokens, trace.take(), stock=True)
+                if merging and adapter.uses_mrope and not self.method.uses_vtu:
+                    tokens = [once_each(t) for t in tokens]
                 out.append(tokens)
             return out
         views = torch.cat([u.views for req in units for u in req]) if any(units) else None

@@ -107,7 +107,7 @@ def calibrate(
     on_step: Callable[[str, int, int], None] | None = None,
 ) -> Calibration:
     """Calibrate thresholds on ``items``; ``on_step(phase, done, total)`` reports progress."""
-    if not adapter.supports_encoder_stages:
+    if not adapter.supports_encoder_merging:
         raise TokcompError(f"{adapter.name}: merging inside the vision encoder (what a calibration is for) is not "
                            f"supported on the {adapter.family} family yet")  # fmt: skip
     if batch_size < 1:

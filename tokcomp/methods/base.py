@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tokcomp.errors import TokcompError
-from tokcomp.methods.dtome import MergeRule, attach_merging
+from tokcomp.methods.dtome import MergeRule
 from tokcomp.methods.settings import SettingsContext, field_settings, register
 from tokcomp.methods.trace import TraceSpec, attach_trace
 
@@ -146,15 +146,14 @@ class Method:
         model = adapter.model
         with ExitStack() as stack:
             rule = self.encoder_rule(adapter)
-            if (rule is not None or self.encoder_trace(adapter) is not None) and not adapter.supports_encoder_stages:
+            family_lacks = (rule is not None and not adapter.supports_encoder_merging) or (
+                self.encoder_trace(adapter) is not None and not adapter.supports_encoder_traces
+            )
+            if family_lacks:
                 raise TokcompError(f"method '{self.label}' works inside the vision encoder, which tokcomp does not "
                                    f"support on the {adapter.family} family yet")  # fmt: skip
             if rule is not None:
-                adapter.merging = stack.enter_context(
-                    attach_merging(
-                        adapter.vision_model, rule, protected=adapter.protected, token_order=self.token_order
-                    )
-                )
+                adapter.merging = stack.enter_context(adapter.attach_merging(rule, self.token_order))
             spec = self.encoder_trace(adapter)
             if spec is not None:
                 adapter.trace = stack.enter_context(

@@ -7,6 +7,8 @@ last, CLS dropped; LLaVA-OneVision (SigLIP, no CLS) the last of its (already sho
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from jinja2 import TemplateError
@@ -32,7 +34,10 @@ class VLMAdapter:
 
     family: str = ""
     uses_mrope: bool = False  # 3-D rotary positions (Qwen2.5-VL): the LLM input carries (3, L) positions
-    supports_encoder_stages: bool = True  # in-encoder merging (DToMe) and encoder traces (VisionZip)
+    supports_encoder_merging: bool = True  # in-encoder merging (DToMe, ToMe) and its calibration
+    supports_encoder_traces: bool = True  # encoder traces (VisionZip, PruMerge+)
+    # the stock feature functions run the attached merging themselves (the pipeline needs no own encode)
+    merges_in_stock_features: bool = False
 
     def __init__(self, model: PreTrainedModel, tokenizer, image_processor, name: str, path: str = "") -> None:
         self.model = model
@@ -184,6 +189,12 @@ class VLMAdapter:
             messages, tokenize=False, add_generation_prompt=True, chat_template=template
         )
 
+    @contextmanager
+    def attach_merging(self, rule: MergeRule, token_order: TokenOrder = "spatial") -> Iterator[object]:
+        """Token merging inside this family's vision encoder for the ``with`` block; yields its state."""
+        with attach_merging(self.vision_model, rule, protected=self.protected, token_order=token_order) as state:
+            yield state
+
     # --- visual units (see tokcomp.models.visual) -----------------------------------------------
     def prepare_units(self, images: list[Image.Image], video: list[Image.Image] | None) -> list:
         raise NotImplementedError
@@ -260,7 +271,7 @@ class VLMAdapter:
         without either this is the stock encoder.
         """
         if rule is not None:
-            with attach_merging(self.vision_model, rule, protected=self.protected, token_order=token_order) as st:
+            with self.attach_merging(rule, token_order) as st:
                 out = self.vision_model(pixel_values, output_hidden_states=True)
             snapshots = st.snapshots
         else:

@@ -17,7 +17,7 @@ from torch import nn
 
 from tokcomp.errors import TokcompError
 from tokcomp.models.adapters import VLMAdapter
-from tokcomp.models.visual import VisualUnit, identity_tokens
+from tokcomp.models.visual import EncodedImage, VisualUnit, identity_tokens, tokens_from_copies
 
 # At most this many pixels per video frame, as the stock Qwen2-VL video processor bounds them (768 merged
 # tokens of 28x28 px): a frame gets far fewer tokens than a lone image may.
@@ -33,7 +33,8 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 
     family = "qwen2_5_vl"
     uses_mrope = True
-    supports_encoder_stages = False  # DToMe inside the windowed encoder, and its traces: not yet
+    supports_encoder_traces = False  # VisionZip / PruMerge+ traces of the windowed encoder: not yet
+    merges_in_stock_features = True  # DToMe runs inside get_image_features (tokcomp.models.qwen_merging)
 
     # --- vision encoder geometry -------------------------------------------------------------
     @property
@@ -56,18 +57,65 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     def merge_size(self) -> int:
         return int(self.vision_config.spatial_merge_size)
 
-    def _no_fixed_grid(self) -> TokcompError:
-        return TokcompError(f"{self.name} reads images at their own resolution (no fixed patch grid): merging "
-                            f"inside its vision encoder, calibration and merge maps are not supported on the "
-                            f"{self.family} family yet")  # fmt: skip
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        raise self._no_fixed_grid()
+    # Calibration and merge maps read every image at one square size (DyMU calibrates at the encoder's
+    # fixed resolution); at their own resolution the thresholds keep about the same share of merge units.
+    CALIBRATION_SIDE = 448
 
     @property
     def image_size(self) -> int:
-        raise self._no_fixed_grid()
+        """The side (px) of the square calibration view: at most CALIBRATION_SIDE, within the processor's bounds."""
+        factor = int(self.vision_config.patch_size) * self.merge_size
+        low, high = self._image_pixels()
+        side = min(self.CALIBRATION_SIDE, int(high**0.5) // factor * factor)
+        return max(side, -(-int(low**0.5) // factor) * factor)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The calibration view's grid of merge units (the unit DToMe merges on this family)."""
+        side = self.image_size // (int(self.vision_config.patch_size) * self.merge_size)
+        return side, side
+
+    def attach_merging(self, rule, token_order="spatial"):
+        from tokcomp.models.qwen_merging import attach_unit_merging
+
+        return attach_unit_merging(self.vision_model, rule, token_order=token_order)
+
+    def _square(self, image: Image.Image) -> Image.Image:
+        side = self.image_size
+        return image.convert("RGB").resize((side, side), Image.BICUBIC)
+
+    def encoder_views(self, images: list[Image.Image]) -> torch.Tensor:
+        """Every image at the calibration size: (B, rows, C) patch rows, as the processor flattens them."""
+        return torch.stack([self._patches(self._square(im))[0] for im in images])
+
+    def view_image(self, image: Image.Image) -> Image.Image:
+        return self._square(image)
+
+    @torch.no_grad()
+    def encode(self, pixel_values, rule=None, token_order="spatial", project=False) -> list[EncodedImage]:
+        """Square calibration views through the tower (merging with ``rule`` or the attached method): per
+        image its merged tokens (the merger's outputs), units per token, unit -> token map, units per block."""
+        h, w = (g * self.merge_size for g in self.grid)
+        grids = torch.tensor([[1, h, w]] * pixel_values.shape[0])
+        rows = pixel_values.reshape(-1, pixel_values.shape[-1])
+        if rule is not None:
+            with self.attach_merging(rule, token_order) as state:
+                pooled = self.vision_model(rows, grid_thw=grids).pooler_output
+            record = state.last
+        else:
+            pooled = self.vision_model(rows, grid_thw=grids).pooler_output
+            record = self.merging.last if self.merging is not None else None
+        units = self.grid[0] * self.grid[1]
+        if record is None:
+            return [EncodedImage(f, torch.ones(units), torch.arange(units), [units] * self.num_layers)
+                    for f in pooled.split(units)]  # fmt: skip
+        out, first = [], 0
+        for b, kept in enumerate(c[-1] for c in record.layer_counts):
+            source = record.token_of_unit[b * units : (b + 1) * units] - first
+            out.append(EncodedImage(record.tokens[first : first + kept], record.sizes[first : first + kept],
+                                    source, record.layer_counts[b]))  # fmt: skip
+            first += kept
+        return out
 
     def inline_tags(self, prompt: str) -> str:
         """``<image>`` / ``<video>`` as the Qwen chat template writes them: the pad token between the
@@ -145,10 +193,20 @@ class Qwen2_5_VLAdapter(VLMAdapter):
                 features = model.get_image_features(pixel_values=rows, image_grid_thw=grids).pooler_output
             else:
                 features = model.get_video_features(pixel_values_videos=rows, video_grid_thw=grids).pooler_output
+            record = self.merging.last if self.merging is not None else None
+            segment = unit_start = 0
             for (i, u), f in zip(mine, features, strict=True):
-                counts = [u.views.shape[0]] * self.num_layers
                 frames = u.grid_thw[0] if kind == "video" else 0
-                tokens = identity_tokens(f, counts, num_frames=frames, views=max(1, frames))
+                if record is None:
+                    counts = [u.views.shape[0]] * self.num_layers
+                    tokens = identity_tokens(f, counts, num_frames=frames, views=max(1, frames))
+                else:  # merged inside the tower: ``f`` holds each unit's merged token, copied
+                    slices = record.layer_counts[segment : segment + u.grid_thw[0]]
+                    counts = [self.merge_size**2 * sum(c) for c in zip(*slices, strict=True)]
+                    owner = record.token_of_unit[unit_start : unit_start + f.shape[0]]
+                    tokens = tokens_from_copies(f, owner, record.tokens, counts, num_frames=frames,
+                                                views=max(1, frames))  # fmt: skip
+                    segment, unit_start = segment + u.grid_thw[0], unit_start + f.shape[0]
                 result[i] = self._placed(u, tokens)
         return [result[i] for i in range(len(units))]
 
