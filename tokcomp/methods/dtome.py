@@ -176,6 +176,14 @@ def _pooling_head_forward(head: nn.Module, state: MergeState):
     return types.MethodType(forward, head)
 
 
+def detach(handles: list, patched: list[nn.Module]) -> None:
+    """Remove the hooks and the per-instance ``forward`` replacements a merging attachment made."""
+    for handle in handles:
+        handle.remove()
+    for module in patched:
+        module.__dict__.pop("forward", None)
+
+
 def encoder_layers(vision_model: nn.Module) -> nn.ModuleList:
     """The encoder layers of a CLIP or SigLIP vision model (or of its ``vision_model`` wrapper)."""
     inner = getattr(vision_model, "vision_model", vision_model)
@@ -212,7 +220,4 @@ def attach_merging(
             patched.append(head)
         yield state
     finally:
-        for handle in handles:
-            handle.remove()
-        for module in patched:
-            module.__dict__.pop("forward", None)
+        detach(handles, patched)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokcomp.methods import merge as M
-from tokcomp.methods.dtome import MergeRule
+from tokcomp.methods.dtome import MergeRule, detach
 
 
 @dataclass
@@ -41,7 +41,6 @@ class UnitMergeRecord:
     tokens: torch.Tensor  # (T, D) the merger's outputs of the merged units, segment by segment
     token_of_unit: torch.Tensor  # (U,) long: merged token (row of ``tokens``) of every unit, raster order
     sizes: torch.Tensor  # (T,) units per merged token
-    segment_units: list[int]  # units per segment (stock)
     layer_counts: list[list[int]]  # per segment, units after each block
 
 
@@ -182,7 +181,7 @@ class QwenMergeState:
         raster[self.window_index.to(device)] = token
         self.last = UnitMergeRecord(
             tokens=merged, token_of_unit=raster, sizes=self.sizes[self.valid].to(device),
-            segment_units=list(self.stock_units), layer_counts=[list(c) for c in self.counts],
+            layer_counts=[list(c) for c in self.counts],
         )  # fmt: skip
         return merged[token]
 
@@ -249,7 +248,4 @@ def attach_unit_merging(tower: nn.Module, rule: MergeRule, *, token_order: M.Tok
         handles.append(tower.merger.register_forward_hook(lambda _m, _i, output: state.expand(output)))
         yield state
     finally:
-        for handle in handles:
-            handle.remove()
-        for module in patched:
-            module.__dict__.pop("forward", None)
+        detach(handles, patched)
