@@ -44,6 +44,13 @@ def qwen():
     return load_vlm("tiny-qwen2.5-vl")
 
 
+@pytest.fixture(scope="session")
+def qwen3():
+    from tokcomp.models.loading import load_vlm
+
+    return load_vlm("tiny-qwen3-vl")
+
+
 @pytest.fixture(scope="session", params=["tiny-llava", "tiny-llava-ov"])
 def adapter(request, llava, llava_ov):
     return {"tiny-llava": llava, "tiny-llava-ov": llava_ov}[request.param]

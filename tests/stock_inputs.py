@@ -8,7 +8,7 @@ view plus a newline for each of several), ``<video>`` to frames x pooled tokens 
 processor's ``pixel_values`` / ``image_sizes``, and ``batch_num_images``. The same holds for
 ``Qwen2_5_VLProcessor``: placeholders expanded to t*h*w/4 tokens, ``pixel_values`` rows with
 ``image_grid_thw``, the video's temporal patches with ``video_grid_thw`` and ``second_per_grid_ts``, and
-``mm_token_type_ids`` (1 on image tokens, 2 on video tokens).
+``mm_token_type_ids`` (1 on image tokens, 2 on video tokens); Qwen3-VL's images the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def stock_inputs(adapter, prompts: list[str], images: list[list], videos: list |
         texts = [adapter.build_prompt(p, len(ims), False) for p, ims in zip(prompts, images, strict=True)]
         flat = [im for ims in images for im in ims]
         return dict(processor(images=flat or None, text=texts, return_tensors="pt", padding=True))
-    if adapter.family == "qwen2_5_vl":
+    if adapter.family in ("qwen2_5_vl", "qwen3_vl"):
         return _qwen_inputs(adapter, prompts, images, videos)
     texts, pixels, sizes, clips = [], [], [], []
     for prompt, ims, video in zip(prompts, images, videos, strict=True):

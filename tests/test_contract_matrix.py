@@ -127,9 +127,11 @@ def _method(adapter, name: str, sets: dict[str, str]):
     return build_method(name, adapter.name, adapter.num_layers, sets=dict(sets))
 
 
-@pytest.fixture(scope="module", params=["tiny-llava", "tiny-llava-ov", "tiny-qwen2.5-vl"])
-def adapter(request, llava, llava_ov, qwen):
-    return {"tiny-llava": llava, "tiny-llava-ov": llava_ov, "tiny-qwen2.5-vl": qwen}[request.param]
+@pytest.fixture(scope="module", params=["tiny-llava", "tiny-llava-ov", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def adapter(request, llava, llava_ov, qwen, qwen3):
+    return {"tiny-llava": llava, "tiny-llava-ov": llava_ov, "tiny-qwen2.5-vl": qwen, "tiny-qwen3-vl": qwen3}[
+        request.param
+    ]
 
 
 def _cases(adapter, name: str) -> list[str]:

@@ -58,7 +58,7 @@ def test_a_method_lowers_the_tokens_and_its_settings_are_recorded(suites_dir, tm
     assert all(s["visual_tokens"]["kept"] < s["visual_tokens"]["full"] for s in samples)
 
 
-@pytest.mark.parametrize("model", ["tokcomp-tiny", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("model", ["tokcomp-tiny", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
 def test_textvqa_val_runs_unchanged_on_local_files(tmp_path, model):
     data = write_textvqa(tmp_path / "textvqa_val.parquet")
     run = tmp_path / "run"

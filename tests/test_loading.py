@@ -12,9 +12,16 @@ from tokcomp.models.presets import PRESETS, preset_path
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_preset_meets_its_contract(name, llava, llava_ov, qwen):
-    adapter = {"tiny-llava": llava, "tiny-llava-ov": llava_ov, "tiny-qwen2.5-vl": qwen}[name]
+def test_preset_meets_its_contract(name, llava, llava_ov, qwen, qwen3):
+    adapter = {"tiny-llava": llava, "tiny-llava-ov": llava_ov, "tiny-qwen2.5-vl": qwen, "tiny-qwen3-vl": qwen3}[name]
     assert adapter.num_layers >= 4
+    if name == "tiny-qwen3-vl":
+        assert adapter.family == "qwen3_vl" and adapter.uses_mrope and adapter.deepstack_levels == 2
+        assert type(adapter.model).__name__ == "Qwen3VLForConditionalGeneration"
+        text = adapter.model.config.text_config
+        assert text.rope_parameters["mrope_interleaved"] and sum(text.rope_parameters["mrope_section"]) * 2 == 16
+        assert adapter.model.config.vision_config.patch_size == 16
+        return
     if name == "tiny-qwen2.5-vl":
         assert adapter.family == "qwen2_5_vl" and adapter.uses_mrope and not adapter.has_cls
         assert type(adapter.model).__name__ == "Qwen2_5_VLForConditionalGeneration"

@@ -45,7 +45,8 @@ class MethodHandle:
         # tokcomp's own presets and tokcomp-tiny record their name; hub models go by their repo id
         model_name = getattr(config, "tokcomp_preset", None) or getattr(config, "_name_or_path", "") or adapter.name
         self.resolved = build_method(
-            self.spec, calibration_name(model_name), adapter.num_layers, self.calib, dict(self.settings)
+            self.spec, calibration_name(model_name), adapter.num_layers, self.calib, dict(self.settings),
+            adapter.supports_encoder_merging,
         )
         return self.resolved
 

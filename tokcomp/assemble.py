@@ -67,6 +67,8 @@ class Spliced:
     # M-RoPE families: (3, L_full) the stock 3-D positions of the sequence's positions (text and visual;
     # without VTU the LLM input itself)
     rope: torch.Tensor | None = None
+    # DeepStack families: (levels, visual entries of ``embeds``, H) what the LLM adds to each visual entry
+    deepstack: torch.Tensor | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -88,6 +90,8 @@ class Batch:
     visual_full: torch.Tensor  # (B, L_full)
     positions: torch.Tensor  # (B, L_un) position ids without VTU (1 on padding, as HF does)
     rope: torch.Tensor | None = None  # M-RoPE families: (3, B, L_full) stock 3-D positions of every position
+    # DeepStack families: (levels, visual entries, H) for the entries of ``visual_unique`` in row-major order
+    deepstack: torch.Tensor | None = None
 
     def position_ids(self, vtu: bool = False) -> torch.Tensor:
         """The ``position_ids`` decoding continues from: (B, L) (L: the LLM input, or the full length under
@@ -229,8 +233,20 @@ class Assembler:
         rope = self._rope_positions(len(ids), slots, units) if adapter.uses_mrope else None
         return Spliced(
             embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev), positions.to(dev),
-            None if rope is None else rope.to(dev),
+            None if rope is None else rope.to(dev), self._deepstack(units, embeds),
         )  # fmt: skip
+
+    def _deepstack(self, units: list[UnitTokens], embeds: torch.Tensor) -> torch.Tensor | None:
+        """(levels, visual entries, H): the units' DeepStack features in splice order (DeepStack families)."""
+        levels = self.adapter.deepstack_levels
+        if not levels:
+            return None
+        missing = [u for u in units if u.deepstack is None or u.deepstack.shape[0] != levels]
+        if missing:
+            raise TokcompError(f"method '{self.method.label}' does not carry the DeepStack features this model needs")
+        if not units:
+            return embeds.new_zeros(levels, 0, embeds.shape[-1])
+        return torch.cat([u.deepstack.to(embeds.device, embeds.dtype) for u in units], dim=1)
 
     def _llm_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens], length: int) -> torch.Tensor:
         """Position ids of the LLM input without VTU: the stock sequence's own positions for methods that
@@ -293,11 +309,12 @@ class Assembler:
             llm_positions[b, pad_un:] = s.positions
             if rope is not None:
                 rope[:, b, pad_full:] = s.rope
+        deepstack = None if spliced[0].deepstack is None else torch.cat([s.deepstack for s in spliced], dim=1)
         return Batch(
             embeds, unique_valid, mapping, full_valid, positions,
             torch.tensor([s.mapping.shape[0] for s in spliced], device=dev),
             torch.tensor([s.embeds.shape[0] for s in spliced], device=dev),
-            visual_unique, visual_full, llm_positions, rope,
+            visual_unique, visual_full, llm_positions, rope, deepstack,
         )  # fmt: skip
 
     def _check_inputs(self, kinds: list[list[str]]) -> None:

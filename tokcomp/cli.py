@@ -388,7 +388,8 @@ def apply(
 
     sets = parse_sets(settings)
     adapter = load_vlm(model, dtype=dtype, device=device, device_map=device_map)
-    chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
+    chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets,
+                          adapter.supports_encoder_merging)
     with chosen(adapter):
         result = Pipeline(adapter, chosen).generate([Request(prompt, pictures, clip)], max_new_tokens)[0]
     payload = {"model": model, **result.to_dict(), "method": chosen.settings()}
@@ -452,7 +453,8 @@ def bench(
         ensure_writable(out_path, keep_folders=False)
     sets = parse_sets(settings)
     adapter = load_vlm(model, dtype=dtype, llm_layers=llm_layers, vision_layers=vision_layers, device=device)
-    chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets)
+    chosen = build_method(method, model, adapter.num_layers, str(calib) if calib else None, sets,
+                          adapter.supports_encoder_merging)
     chosen.check(adapter)
     method_args = {"spec": method, "calib": str(calib) if calib else None, "sets": sets, "dtype": adapter.dtype_name}
     measure_memory = (

@@ -259,6 +259,8 @@ class Pipeline(Assembler):
         self.last_cache, self.last_hooks = cache, hooks
         generated = out.sequences.shape[1]
         final_valid = torch.cat([mask, mask.new_ones(mask.shape[0], max(0, generated - 1))], dim=1)
+        for b, ids in enumerate(steps):  # a request that ended early holds only the tokens fed before its EOS
+            final_valid[b, mask.shape[1] + max(0, len(ids) - 1) :] = False
         visual = batch.visual_full if use_vtu else batch.visual_unique
         kv = _kv_bytes_per_layer(cache, final_valid.bool(), hooks)
         return _RunResult(steps, out.logits[0].float(), call.timings_ms["prefill"] / 1000, kv,

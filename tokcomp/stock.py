@@ -161,6 +161,12 @@ class StockBridge:
                                "pyramiddrop) cannot be combined with other LLM-side methods yet")  # fmt: skip
         if use_vtu and any(not h.keeps_everything for h in prefill_hooks):  # keeping everything prunes nothing
             raise TokcompError(f"{method.name}: VTU cannot be combined with pruning inside the prefill")
+        if use_vtu and batch.deepstack is not None:
+            raise TokcompError(f"{method.name}: VTU is not supported on DeepStack models (Qwen3-VL) yet: the "
+                               "LLM adds each position's own encoder features to its hidden state")  # fmt: skip
+        if batch.deepstack is not None and batch.deepstack.shape[1]:
+            cut = next((h for h in prefill_hooks if h.cuts_sequence), None)
+            call.context.enter_context(add_deepstack(lm, batch.visual_unique, batch.deepstack, cut))
         if use_vtu:
             state = VTUState(
                 mapping=batch.mapping, full_valid=batch.full_valid, positions=batch.full_positions,
@@ -288,6 +294,39 @@ class StockBridge:
             account.timings_ms = dict(call.timings_ms)
             accounts.append(account)
         return accounts
+
+
+@contextmanager
+def add_deepstack(language_model, visual: torch.Tensor, features: torch.Tensor, cut=None) -> Iterator[None]:
+    """For the call in the block, what the stock DeepStack LLM does with pixels: after each of its first
+    ``len(features)`` layers, the visual entries' own encoder features (``features``: (levels, entries, H),
+    the entries of ``visual`` (B, L) in row-major order) added to their hidden states. Done here, on the
+    layers' outputs before any cut, because a compressed prefill passes embeddings, not pixels; after a
+    cut inside the LLM (``cut``: FastV, DART, PyramidDrop) only the visual entries still in the sequence
+    get theirs."""
+    entry = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+    entry[visual] = torch.arange(int(visual.sum()), device=visual.device)
+
+    def add(level: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            index = entry if cut is None or cut.order is None else entry.gather(1, cut.order.to(entry.device))
+            where = index >= 0
+            if cut is not None and cut.real is not None:
+                where &= cut.real.to(where.device)
+            hidden = hidden.clone()
+            hidden[where] = hidden[where] + features[level][index[where]].to(hidden.device, hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    layers = language_model.layers
+    handles = [layers[level].register_forward_hook(add(level)) for level in range(features.shape[0])]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _in_order(kinds: list[str], images: list, videos: list) -> list:

@@ -143,7 +143,8 @@ def _peak_child(
     torch.set_num_threads(1)
     adapter = load_vlm(model, dtype=method_spec.get("dtype", "auto"), llm_layers=layers[0], vision_layers=layers[1],
                        device="cpu")  # fmt: skip
-    method = build_method(method_spec["spec"], model, adapter.num_layers, method_spec["calib"], method_spec["sets"])
+    method = build_method(method_spec["spec"], model, adapter.num_layers, method_spec["calib"], method_spec["sets"],
+                          adapter.supports_encoder_merging)
     request = make_request(parse_input(input_spec), "describe what you see .")
     before = _status_bytes("VmRSS")
     reset = _reset_peak_rss()

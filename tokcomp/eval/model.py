@@ -161,7 +161,8 @@ class TokcompLMM(lmms):
         method_settings = {key: str(value) for key, value in settings.items() if value is not None}
         self.method_spec = str(method)
         self.method = build_method(
-            self.method_spec, self.model_name, self.adapter.num_layers, str(calib) if calib else None, method_settings
+            self.method_spec, self.model_name, self.adapter.num_layers, str(calib) if calib else None, method_settings,
+            self.adapter.supports_encoder_merging,
         )
         self.batch_size_per_gpu = max(1, int(batch_size))
         self.max_frames_num = int(max_frames_num)

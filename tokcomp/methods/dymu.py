@@ -39,7 +39,8 @@ class DyMU(Method):
 
     @classmethod
     def from_settings(cls, settings: dict, context: SettingsContext) -> DyMU:
-        resolved = dymu_settings(cls.name, settings, context.model_name, context.num_layers, context.calib)
+        resolved = dymu_settings(cls.name, settings, context.model_name, context.num_layers, context.calib,
+                                 context.encoder_merging)  # fmt: skip
         return cls(**field_settings(cls, resolved))
 
     def encoder_rule(self, adapter: VLMAdapter) -> MergeRule | None:
@@ -121,8 +122,11 @@ class ToMe(Method):
         return self.vtu
 
 
-def dymu_settings(name: str, settings: dict, model_name: str, num_layers: int, calib: str | None) -> dict:
-    """Thresholds from ``threshold``/``thresholds``, a calibration file, or a budget's stored calibration."""
+def dymu_settings(
+    name: str, settings: dict, model_name: str, num_layers: int, calib: str | None, encoder_merging: bool = True
+) -> dict:
+    """Thresholds from ``threshold``/``thresholds``, a calibration file, or a budget's stored calibration
+    (which a family without merging inside its vision encoder has none of)."""
     settings = dict(settings)
     calib = calib or settings.pop("calib", None)
     budget = settings.pop("budget", None)
@@ -140,6 +144,9 @@ def dymu_settings(name: str, settings: dict, model_name: str, num_layers: int, c
                 raise TokcompError(
                     f"{name} needs thresholds: pass --calib PATH, --set budget=low|mid|high, or --set threshold=X"
                 )
+            if not encoder_merging:
+                raise TokcompError(f"method '{name}' works inside the vision encoder, which tokcomp does not "
+                                   f"support on {model_name}'s family yet")  # fmt: skip
             found = stored_calibration(model_name, str(budget))
             if found is None:
                 raise TokcompError(

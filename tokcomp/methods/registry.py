@@ -82,9 +82,15 @@ def _load_preset(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def build_method(
-    spec: str, model_name: str, num_layers: int, calib: str | None = None, sets: dict | None = None
+    spec: str,
+    model_name: str,
+    num_layers: int,
+    calib: str | None = None,
+    sets: dict | None = None,
+    encoder_merging: bool = True,
 ) -> Method:
-    """Resolve ``--method``, ``--calib`` and ``--set`` into a method instance.
+    """Resolve ``--method``, ``--calib`` and ``--set`` into a method instance (``encoder_merging``: whether
+    the model's family takes merging inside its vision encoder, for the error a stored budget gives).
 
     A combination ``a+b`` takes per-part settings as ``a.key=value`` (or nested mappings in a
     preset); a plain ``key`` goes to the one part that has such a setting.
@@ -93,7 +99,7 @@ def build_method(
     if "+" not in name:  # the paper's letters name the same fields, so --set K=... overrides a preset's ttm_ratio
         cls = METHODS[name]
         settings = {**resolve_aliases(cls, settings), **resolve_aliases(cls, sets or {})}
-        return cls.from_settings(settings, SettingsContext(model_name, num_layers, calib))
+        return cls.from_settings(settings, SettingsContext(model_name, num_layers, calib, encoder_merging))
     settings.update(sets or {})
     names = name.split("+")
     if len(set(names)) != len(names):
@@ -117,7 +123,9 @@ def build_method(
     uses_calib = [n for n in names if METHODS[n].uses_calibration]
     if calib and not uses_calib:
         raise TokcompError(f"--calib is for dymu/dtome; {name} does not use it")
-    contexts = {n: SettingsContext(model_name, num_layers, calib if n in uses_calib else None) for n in names}
+    contexts = {
+        n: SettingsContext(model_name, num_layers, calib if n in uses_calib else None, encoder_merging) for n in names
+    }
     parts = [METHODS[n].from_settings(per_part[n], contexts[n]) for n in names]
     return Composed(parts=parts)
 

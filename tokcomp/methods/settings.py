@@ -36,6 +36,7 @@ class SettingsContext:
     model_name: str
     num_layers: int
     calib: str | None = None
+    encoder_merging: bool = True  # whether the model's family takes merging inside its vision encoder
 
 
 def coerce(value: Any, kind: Any, key: str) -> Any:

@@ -38,6 +38,9 @@ class VLMAdapter:
     supports_encoder_traces: bool = True  # encoder traces (VisionZip, PruMerge+)
     # the stock feature functions run the attached merging themselves (the pipeline needs no own encode)
     merges_in_stock_features: bool = False
+    # DeepStack (Qwen3-VL): encoder features the LLM adds to the visual positions' hidden states after
+    # each of its first ``deepstack_levels`` layers
+    deepstack_levels: int = 0
 
     def __init__(self, model: PreTrainedModel, tokenizer, image_processor, name: str, path: str = "") -> None:
         self.model = model

@@ -1,7 +1,8 @@
 """The stock configs and image processors of the families, built in one place.
 
 tokcomp's presets (tiny models from real configs), the real-model shapes (random weights, for bench)
-and tokcomp-tiny all make their ``LlavaConfig`` / ``LlavaOnevisionConfig`` / ``Qwen2_5_VLConfig`` and PIL
+and tokcomp-tiny all make their ``LlavaConfig`` / ``LlavaOnevisionConfig`` / ``Qwen2_5_VLConfig`` /
+``Qwen3VLConfig`` and PIL
 image processor here, so the families' wiring (feature layer, select strategy, AnyRes pinpoints, M-RoPE
 sections, normalisation) is written once.
 """
@@ -20,6 +21,7 @@ from transformers import (
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2Config,
+    Qwen3VLConfig,
     SiglipVisionConfig,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -75,6 +77,27 @@ def qwen2_5_vl(
         size={"shortest_edge": low, "longest_edge": high}, patch_size=vision.get("patch_size", 14),
         temporal_patch_size=vision.get("temporal_patch_size", 2), merge_size=vision.get("spatial_merge_size", 2),
         image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )  # fmt: skip
+    return full, processor
+
+
+def qwen3_vl(
+    vision: dict, text: dict, pixels: tuple[int, int], mrope_section: list[int], **config: Any
+) -> tuple[Qwen3VLConfig, Qwen2VLImageProcessorPil]:
+    """Qwen3-VL: a ViT with DeepStack mergers (``deepstack_visual_indexes``) into a Qwen3 LLM with
+    interleaved 3-D M-RoPE; 16 px patches normalised to [-1, 1]; images between ``pixels`` (min, max)."""
+    theta = text.pop("rope_theta", 5_000_000.0)
+    rope = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(mrope_section),
+            "mrope_interleaved": True}  # fmt: skip
+    full = Qwen3VLConfig(
+        vision_config={"out_hidden_size": text["hidden_size"], **vision},
+        text_config={"bos_token_id": None, "eos_token_id": None, **text, "rope_parameters": rope}, **config,
+    )  # fmt: skip
+    low, high = pixels
+    processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": low, "longest_edge": high}, patch_size=vision.get("patch_size", 16),
+        temporal_patch_size=vision.get("temporal_patch_size", 2), merge_size=vision.get("spatial_merge_size", 2),
+        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
     )  # fmt: skip
     return full, processor
 

@@ -7,11 +7,13 @@ from transformers import PreTrainedModel
 from tokcomp.errors import TokcompError
 from tokcomp.models.adapters import LlavaAdapter, LlavaOnevisionAdapter, VLMAdapter
 from tokcomp.models.qwen import Qwen2_5_VLAdapter
+from tokcomp.models.qwen3 import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {
     "llava": LlavaAdapter,
     "llava_onevision": LlavaOnevisionAdapter,
     "qwen2_5_vl": Qwen2_5_VLAdapter,
+    "qwen3_vl": Qwen3VLAdapter,
 }
 
 

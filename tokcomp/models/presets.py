@@ -22,6 +22,7 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     PreTrainedModel,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 
 from tokcomp.errors import TokcompError
@@ -83,6 +84,14 @@ def _build_tiny_qwen2_5_vl(spec: dict, vocab_size: int) -> tuple[PreTrainedModel
     return Qwen2_5_VLForConditionalGeneration(config), processor
 
 
+def _build_tiny_qwen3_vl(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
+    config, processor = builders.qwen3_vl(
+        dict(spec["vision"]), {"vocab_size": vocab_size, **spec["text"]}, tuple(spec["pixels"]), spec["mrope_section"],
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    return Qwen3VLForConditionalGeneration(config), processor
+
+
 # Qwen2.5-VL's conversation format ("<|im_start|>user\n<|vision_start|><image><|vision_end|>...").
 QWEN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 QWEN_CHAT_TEMPLATE = (
@@ -106,6 +115,20 @@ _QWEN_VISION = {
 _QWEN_TEXT = {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
     "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0,
+}  # fmt: skip
+
+# Qwen3-VL-2B's layout, scaled down (its released config: ViT 24 blocks of 1024 with 16 px patches, DeepStack
+# taps after blocks 5, 11 and 17, a 48x48 learned position grid; a Qwen3 LLM with head_dim 128 and
+# interleaved M-RoPE sections 24/20/20, here 2/3/3 of a head of 16).
+_QWEN3_VISION = {
+    "depth": 4, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "patch_size": 16,
+    "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 256,
+    "deepstack_visual_indexes": [1, 2],
+}  # fmt: skip
+_QWEN3_TEXT = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "rope_theta": 5_000_000.0,
 }  # fmt: skip
 
 _VISION = {
@@ -147,6 +170,16 @@ PRESETS: dict[str, Preset] = {
         "with 3-D M-RoPE; random weights",
         spec={"vision": _QWEN_VISION, "text": _QWEN_TEXT, "pixels": [56 * 56, 224 * 224], "mrope_section": [2, 3, 3]},
         build=_build_tiny_qwen2_5_vl,
+        chat_template=QWEN_CHAT_TEMPLATE,
+        markers=QWEN_MARKERS,
+    ),
+    "tiny-qwen3-vl": Preset(
+        name="tiny-qwen3-vl",
+        description="Qwen3-VL layout: ViT 4 blocks with 16 px patches and DeepStack taps after blocks 2 and 3, "
+        "2x2 merger, images at their own resolution (64-256 px a side: 4-64 tokens), Qwen3 4 layers with "
+        "interleaved 3-D M-RoPE; images only; random weights",
+        spec={"vision": _QWEN3_VISION, "text": _QWEN3_TEXT, "pixels": [64 * 64, 256 * 256], "mrope_section": [2, 3, 3]},
+        build=_build_tiny_qwen3_vl,
         chat_template=QWEN_CHAT_TEMPLATE,
         markers=QWEN_MARKERS,
     ),

@@ -80,6 +80,9 @@ class UnitTokens:
     # how far the text position moves on after the unit
     rope: torch.Tensor | None = None
     rope_span: int = 0
+    # DeepStack families (Qwen3-VL): (levels, N_un, H) the encoder's intermediate features of each unique
+    # token, which the stock LLM adds to that token's hidden state after its first ``levels`` layers
+    deepstack: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.original < 0:
@@ -129,6 +132,7 @@ def select_positions(unit: UnitTokens, keep: torch.Tensor) -> UnitTokens:
         views=unit.views,
         rope=unit.rope,
         rope_span=unit.rope_span,
+        deepstack=None if unit.deepstack is None else unit.deepstack[:, used[order].to(unit.deepstack.device)],
         **_per_position(unit, keep),
     )
 
@@ -176,6 +180,9 @@ def merge_positions(
     for name in ("trace", "trace_keys"):
         if extra[name] is not None:
             extra[name] = mean(getattr(unit, name))
+    deepstack = None  # per level, the members' mean, as for the embeddings
+    if unit.deepstack is not None:
+        deepstack = torch.stack([mean(level[unit.mapping.to(level.device)]) for level in unit.deepstack])
     return UnitTokens(
         unique=mean(feats),
         mapping=torch.arange(len(groups), device=unit.mapping.device),
@@ -187,6 +194,7 @@ def merge_positions(
         views=unit.views,
         rope=unit.rope,
         rope_span=unit.rope_span,
+        deepstack=deepstack,
         **extra,
     )
 

@@ -384,12 +384,13 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 STATE_FILE = "state.pt"
 # The defaults of the settings the command line may leave out (and of those a state older than them lacks).
 DEFAULTS = {
-    "steps": 5000, "patch_weight": 0.5, "evidence_weight": 0.0, "query_weight": 0.0, "query_layer": 1,
+    "steps": 5000, "lr": 2e-3, "patch_weight": 0.5, "evidence_weight": 0.0, "query_weight": 0.0, "query_layer": 1,
     "curriculum_steps": 0, "bind_weight": 0.0, "bind_layer": 0, "kind_weights": {},
     "task_weights": {},
 }  # fmt: skip
-# Settings a resumed run may change (the loss weights, the data mix and the length of the answer stage).
-RESUME_OVERRIDES = ("steps", "evidence_weight", "query_weight", "query_layer", "patch_weight", "curriculum_steps",
+# Settings a resumed run may change (the loss weights, the data mix, the peak learning rate of the cosine
+# schedule and the length of the answer stage).
+RESUME_OVERRIDES = ("steps", "lr", "evidence_weight", "query_weight", "query_layer", "patch_weight", "curriculum_steps",
                     "bind_weight", "bind_layer", "kind_weights", "task_weights")  # fmt: skip
 STAGES = ("encoder", "answer")
 
@@ -704,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint folder (default: checkpoints/tokcomp-tiny)")
     parser.add_argument("--steps", type=int, help=f"answer-stage optimizer steps (default {DEFAULTS['steps']})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS['lr']})")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--encoder-steps", type=int, default=600, help="encoder-only steps on per-patch words first")
     parser.add_argument(
@@ -761,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
         chosen = {**DEFAULTS, **given}
         train(
-            args.out, chosen["steps"], seed=args.seed, lr=args.lr, warmup=args.warmup,
+            args.out, chosen["steps"], seed=args.seed, lr=chosen["lr"], warmup=args.warmup,
             spec=TEST_SPEC if args.test_config else SPECS[args.size], batch_scale=args.batch_scale,
             encoder_steps=args.encoder_steps, patch_weight=chosen["patch_weight"],
             evidence_weight=chosen["evidence_weight"], query_weight=chosen["query_weight"],
