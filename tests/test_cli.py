@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -49,6 +51,18 @@ def test_inspect_draws_a_png(calib_file, capsys, tmp_path):
     with Image.open(png) as im:
         assert im.size[0] > 800
     assert "tokens of 196" in out
+
+
+def test_inspect_draws_the_merge_units_of_qwen2_5_vl(capsys, tmp_path):
+    """On Qwen2.5-VL the map's cells are the 2x2 merge units DToMe merges there (its stored calibration)."""
+    png = tmp_path / "units.png"
+    calib = Path(__file__).parents[1] / "calib" / "tiny-qwen2.5-vl" / "mid.yaml"
+    code, out, err = run(["inspect", "builtin:skimage/astronaut", "--model", "tiny-qwen2.5-vl", "--calib", str(calib),
+                          "--out", str(png)], capsys)  # fmt: skip
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kept = int(out.split(": ")[1].split(" tokens")[0])
+    assert "tokens of 64 2x2 merge units at layer 4" in out and 1 <= kept < 64
 
 
 def test_inspect_refuses_a_calibration_for_another_encoder(calib_file, capsys, tmp_path):

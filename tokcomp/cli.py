@@ -324,10 +324,12 @@ def inspect_cmd(
         encoded.layer_counts,
         adapter.feature_layer,
         f"{items[0].name} · {model} · budget {calibration.budget}",
+        unit=adapter.merge_unit,
     )
     counts = ", ".join(str(c) for c in encoded.layer_counts)
     out.print(
-        f"{items[0].name}: {encoded.num_tokens} tokens of {adapter.num_patches} at layer {adapter.feature_layer} "
+        f"{items[0].name}: {encoded.num_tokens} tokens of {adapter.num_patches} {adapter.merge_unit} at layer "
+        f"{adapter.feature_layer} "
         f"(after each layer: {counts})"
     )
     out.print(f"wrote {out_path}")

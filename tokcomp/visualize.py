@@ -39,8 +39,10 @@ def save_merge_figure(
     layer_counts: list[int],
     feature_layer: int,
     title: str,
+    unit: str = "patches",
 ) -> Path:
-    """Three panels: the encoder's view, the merge map at the feature layer, tokens after each layer."""
+    """Three panels: the encoder's view, the merge map at the feature layer, tokens after each layer
+    (``unit``: what the map's cells are, patches or a family's merge units)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +54,7 @@ def save_merge_figure(
     axes[0].imshow(view)
     axes[0].set_title("encoder input")
     axes[1].imshow(group_image(view, source, grid))
-    axes[1].set_title(f"{tokens} tokens of {num_patches} patches (groups coloured)")
+    axes[1].set_title(f"{tokens} tokens of {num_patches} {unit} (groups coloured)")
     for ax in axes[:2]:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -60,7 +62,7 @@ def save_merge_figure(
     axes[2].plot(layers, [num_patches, *layer_counts], marker="o")
     axes[2].axvline(feature_layer, color="gray", linestyle="--", label=f"layer the VLM reads ({feature_layer})")
     axes[2].set_xlabel("encoder layer")
-    axes[2].set_ylabel("patch tokens")
+    axes[2].set_ylabel(f"tokens ({unit})")
     axes[2].set_ylim(0, num_patches * 1.05)
     axes[2].grid(alpha=0.3)
     axes[2].legend(loc="upper right")

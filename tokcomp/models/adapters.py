@@ -41,6 +41,7 @@ class VLMAdapter:
     # DeepStack (Qwen3-VL): encoder features the LLM adds to the visual positions' hidden states after
     # each of its first ``deepstack_levels`` layers
     deepstack_levels: int = 0
+    merge_unit: str = "patches"  # what in-encoder merging merges (Qwen2.5-VL: whole 2x2 merge units)
 
     def __init__(self, model: PreTrainedModel, tokenizer, image_processor, name: str, path: str = "") -> None:
         self.model = model

@@ -35,6 +35,7 @@ class Qwen2_5_VLAdapter(VLMAdapter):
     uses_mrope = True
     supports_encoder_traces = False  # VisionZip / PruMerge+ traces of the windowed encoder: not yet
     merges_in_stock_features = True  # DToMe runs inside get_image_features (tokcomp.models.qwen_merging)
+    merge_unit = "2x2 merge units"
 
     # --- vision encoder geometry -------------------------------------------------------------
     @property
