@@ -165,7 +165,8 @@ train-v2: install
 # numbers are extrapolated and labelled. About 11-16 minutes on 2 cores (estimated from the FLOPs).
 BENCH_DIR := results/bench
 BENCH := $(BIN)/tokcomp bench --max-new-tokens 8 --warmup 1
-BENCH_CASES := dymu-low fastv dart pyramiddrop cdpruner dycoke vidcom2 dycoke-evict adaptive-20 qwen-adaptive-20 qwen-dycoke
+BENCH_CASES := dymu-low fastv dart pyramiddrop cdpruner dycoke vidcom2 dycoke-evict adaptive-20 qwen-adaptive-20 \
+  qwen-dymu-low qwen-dycoke
 benchmarks: install
 	$(BENCH) --model llava-1.5-7b-shape --llm-layers 2 --method dymu-low --input image --repeat 3 \
 	  --out $(BENCH_DIR)/dymu-low.json
@@ -187,6 +188,8 @@ benchmarks: install
 	  --repeat 3 --out $(BENCH_DIR)/adaptive-20.json
 	$(BENCH) --model qwen2.5-vl-7b-shape --llm-layers 2 --vision-layers 4 --method adaptive-20 --input images:4 \
 	  --repeat 3 --out $(BENCH_DIR)/qwen-adaptive-20.json
+	$(BENCH) --model qwen2.5-vl-7b-shape --llm-layers 2 --method dymu-low --input images:4 --repeat 2 \
+	  --out $(BENCH_DIR)/qwen-dymu-low.json
 	$(BENCH) --model qwen2.5-vl-7b-shape --llm-layers 4 --vision-layers 1 --method dycoke --input video:16 \
 	  --repeat 2 --out $(BENCH_DIR)/qwen-dycoke.json
 	$(BIN)/tokcomp bench-md $(BENCH_CASES:%=$(BENCH_DIR)/%.json) --out BENCHMARKS.md

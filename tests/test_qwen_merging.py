@@ -77,6 +77,21 @@ def test_stock_generate_with_dymu_merges_and_the_pipeline_agrees(qwen, photos):
             assert got.token_ids == row[start:].tolist()[: len(got.token_ids)]
 
 
+def test_images_of_different_sizes_merge_in_one_tower_call_as_they_do_alone(qwen, photos):
+    """Segments of different lengths in one packed call (padding in the merge state): each image keeps
+    the tokens it keeps alone, and its map covers exactly its own units."""
+    from tokcomp.pipeline import Pipeline, Request
+
+    images = [photos[0], photos[1].resize((140, 84)), photos[2].resize((84, 140)), photos[3]]
+    method = tokcomp.method("tome", r=3).resolve(qwen)
+    together = Pipeline(qwen, method).generate([Request("compare them", images=images)], 2)[0].account.per_image
+    alone = [Pipeline(qwen, method).generate([Request("what is it", images=[im])], 2)[0].account.per_image[0]
+             for im in images]  # fmt: skip
+    assert [p["kept"] for p in together] == [p["kept"] for p in alone]
+    assert [p["full"] for p in together] == [p["full"] for p in alone]
+    assert all(p["kept"] < p["full"] for p in together)
+
+
 def test_a_calibration_holds_its_budget_on_images_it_did_not_see(qwen):
     """Calibrated on every other scikit-image photograph, measured on the rest (about 23 of 22 tokens)."""
     items = open_image_source("builtin:skimage")

@@ -103,7 +103,8 @@ class QwenMergeState:
             self.valid[s, :n] = True
             self.window[s, :n] = window[lo : lo + n]
         self.sizes = self.valid.float()
-        self.source = torch.arange(width).expand(len(lengths), width).clone()
+        # a shorter segment's padding columns point at its first unit (never read back, always a live slot)
+        self.source = torch.arange(width).expand(len(lengths), width).masked_fill(~self.valid, 0)
         self.stock_units = [int(n) for n in lengths]
         self.counts = [[] for _ in lengths]
         self.cos, self.sin = position_embeddings
