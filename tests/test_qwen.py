@@ -62,6 +62,19 @@ def test_the_adapter_reads_dynamic_resolution_and_video_patches(qwen, batch):
             assert t.rope.shape == (3, t.original) and t.rope_span > 0
 
 
+def test_a_video_unit_is_whole_frames_and_ttm_keeps_the_first_frame_whole(qwen, batch):
+    """Qwen2.5-VL's video tokens are temporal patches of h*w/4 tokens each, with no token after them
+    (LLaVA-OneVision's trailing newline): the frame layout the video methods read must say so."""
+    _, videos, _ = batch
+    (tokens,) = Pipeline(qwen).tokens_of(Pipeline(qwen).prepare([Request(PROMPTS[2], video=videos[2])]))[0]
+    assert tokens.num_frames == 3 and tokens.num_frames * tokens.frame_tokens == tokens.original
+    from tokcomp.methods.dycoke import apply_ttm
+
+    kept = apply_ttm(tokens, 0.7).positions
+    n = tokens.frame_tokens
+    assert torch.equal(kept[:n], torch.arange(n)) and int((kept >= n).sum()) < 2 * n
+
+
 @pytest.mark.parametrize("name", list(NEUTRAL))
 def test_a_neutral_setting_under_stock_generate_is_bit_identical(qwen, batch, name):
     images, videos, inputs = batch

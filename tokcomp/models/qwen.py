@@ -200,13 +200,13 @@ class Qwen2_5_VLAdapter(VLMAdapter):
                 frames = u.grid_thw[0] if kind == "video" else 0
                 if record is None:
                     counts = [u.views.shape[0]] * self.num_layers
-                    tokens = identity_tokens(f, counts, num_frames=frames, views=max(1, frames))
+                    tokens = identity_tokens(f, counts, num_frames=frames, views=max(1, frames), trailing=0)
                 else:  # merged inside the tower: ``f`` holds each unit's merged token, copied
                     slices = record.layer_counts[segment : segment + u.grid_thw[0]]
                     counts = [self.merge_size**2 * sum(c) for c in zip(*slices, strict=True)]
                     owner = record.token_of_unit[unit_start : unit_start + f.shape[0]]
                     tokens = tokens_from_copies(f, owner, record.tokens, counts, num_frames=frames,
-                                                views=max(1, frames))  # fmt: skip
+                                                views=max(1, frames), trailing=0)  # fmt: skip
                     segment, unit_start = segment + u.grid_thw[0], unit_start + f.shape[0]
                 result[i] = self._placed(u, tokens)
         return [result[i] for i in range(len(units))]

@@ -105,8 +105,12 @@ class UnitTokens:
         return self.unique[self.mapping]
 
 
-def identity_tokens(features: torch.Tensor, layer_counts: list[int], num_frames: int = 0, views: int = 1) -> UnitTokens:
-    frame_tokens = (features.shape[0] - 1) // num_frames if num_frames else 0
+def identity_tokens(
+    features: torch.Tensor, layer_counts: list[int], num_frames: int = 0, views: int = 1, trailing: int = 1
+) -> UnitTokens:
+    """A unit's stock tokens, each its own position; a video's ``num_frames`` frames are followed by
+    ``trailing`` tokens that belong to no frame (LLaVA-OneVision's newline; Qwen2.5-VL has none)."""
+    frame_tokens = (features.shape[0] - trailing) // num_frames if num_frames else 0
     mapping = torch.arange(features.shape[0], device=features.device)
     return UnitTokens(features, mapping, layer_counts, num_frames=num_frames, frame_tokens=frame_tokens, views=views)
 
@@ -206,8 +210,10 @@ def tokens_from_copies(
     counts: list[int],
     num_frames: int = 0,
     views: int = 1,
+    trailing: int = 1,
 ) -> UnitTokens:
-    """Unique tokens from a layout: ``owner[p]`` is the merged token copied at ``p``, or -1 if mixed.
+    """Unique tokens from a layout: ``owner[p]`` is the merged token copied at ``p``, or -1 if mixed
+    (``trailing``: a video's tokens after its frames, as in ``identity_tokens``).
 
     Merged tokens keep the order of their first appearance; mixed positions become singletons
     carrying the layout's own feature.
@@ -224,7 +230,7 @@ def tokens_from_copies(
         else:
             mapping[p] = len(rows)
             rows.append(full[p])
-    frame_tokens = (full.shape[0] - 1) // num_frames if num_frames else 0
+    frame_tokens = (full.shape[0] - trailing) // num_frames if num_frames else 0
     unique = torch.stack(rows) if rows else full[:0]
     return UnitTokens(unique, mapping, counts, num_frames=num_frames, frame_tokens=frame_tokens, views=views)
 
