@@ -27,6 +27,7 @@ from tokcomp.methods.dart import DARTPruning, least_duplicated
 from tokcomp.methods.dtome import encoder_layers
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
 from tokcomp.methods.fastv import FastVPruning, last_token_attention
+from tokcomp.methods.fastvid import density_scores, fastvid_groups, segment_lengths
 from tokcomp.methods.prumerge import absorbing_groups, attention_outliers, spread_samples
 from tokcomp.methods.pruning import DivPrune
 from tokcomp.methods.registry import METHODS, build_method
@@ -51,6 +52,9 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
     "cdpruner": ({"ratio": "1"},
                  ["tokcomp.methods.cdpruner:greedy_dpp", "tokcomp.methods.cdpruner:instruction_relevance"]),
     "vidcom2": ({"ratio": "1", "temperature": "inf"}, ["tokcomp.methods.vidcom2:vidcom2_select"]),
+    # every token of every frame salient: segments are cut, nothing is merged
+    "fastvid": ({"ratio": "1", "d": "0"}, ["tokcomp.methods.fastvid:fastvid_groups",
+                                           "tokcomp.methods.fastvid:segment_lengths"]),
     # every patch sampled (stride 1) and nothing absorbed
     "prumerge": ({"spread": "1000", "neighbours": "0"},
                  ["tokcomp.methods.prumerge:attention_outliers", "tokcomp.methods.prumerge:absorbing_groups"]),
@@ -76,6 +80,7 @@ COMPRESSING: dict[str, list[dict[str, str]]] = {
     "cdpruner": [{"ratio": "0.25"}],
     "visionzip": [{"dominant": "20", "contextual": "6"}],
     "vidcom2": [{"ratio": "0.25"}, {"ratio": "0.4", "temperature": "1"}],
+    "fastvid": [{"ratio": "0.3"}, {"ratio": "0.5", "p": "1", "c": "2"}],
     "prumerge": [{"spread": "3", "neighbours": "8"}, {"spread": "0", "neighbours": "4"}],
 }
 
@@ -98,6 +103,8 @@ ORACLES: dict[str, list[str]] = {
                  "test_cdpruner_keeps_the_dpp_choice_of_each_image_in_the_model"],
     "visionzip": ["test_visionzip_keeps_the_most_attended_patches_and_averages_the_rest_into_groups"],
     "prumerge": ["test_prumerge_keeps_the_attention_outliers_and_even_samples_and_absorbs_by_key"],
+    "fastvid": ["test_fastvid_cuts_at_scene_changes_keeps_the_salient_and_merges_into_density_peaks",
+                "test_fastvid_keeps_its_groups_of_each_segment_in_the_model"],
     "vidcom2": ["test_vidcom2_gives_the_odd_frame_more_and_keeps_the_least_typical_tokens",
                 "test_vidcom2_keeps_its_choice_of_each_frame_in_the_model"],
 }  # fmt: skip
@@ -672,6 +679,52 @@ def test_vidcom2_keeps_its_choice_of_each_frame_in_the_model(adapter, photos):
     expected = sum(len(k) for k in vidcom2_select(frames, float(sets["ratio"])))
     assert account.visual_kept == expected + (unit.num_positions - count * n)  # and the trailing newline
     assert account.visual_kept < account.visual_full
+
+
+def test_fastvid_cuts_at_scene_changes_keeps_the_salient_and_merges_into_density_peaks():
+    generator = torch.Generator().manual_seed(0)
+    scene_a, scene_b = torch.randn(1, 1, 16, generator=generator), torch.randn(1, 1, 16, generator=generator)
+    noise = 0.3 * torch.randn(8, 12, 16, generator=generator)
+    frames = torch.cat([scene_a.expand(5, 12, -1), scene_b.expand(3, 12, -1)]) + noise
+    # DySeg: the cut between the scenes (similarity below tau), then the least similar transitions up to c - 1
+    assert segment_lengths(frames.mean(dim=1), 1, 0.9) == [5, 3]
+    assert len(segment_lengths(frames.mean(dim=1), 4, -1.0)) == 4
+    # density peaks: a token in a tight cluster outscores an isolated one
+    cluster = torch.cat([torch.zeros(5, 4) + 0.01 * torch.randn(5, 4, generator=generator), torch.full((1, 4), 5.0)])
+    scores = density_scores(cluster)
+    assert int(scores[:5].argmax()) in range(5) and float(scores[:5].max()) > float(scores[5])
+    groups = fastvid_groups(frames, 0.5, segments=1, tau=0.9, density_share=0.5, anchor_every=4)
+    assert groups.segments == [5, 3]
+    # the budget: 6 of 12 per frame, 3 salient everywhere, the context budget of a segment on its anchors
+    singles = [g for g in groups.members if len(g) == 1]
+    merged = [g for g in groups.members if len(g) > 1]
+    assert len(groups.members) <= 8 * 6 and len(singles) >= 8 * 3
+    heads = [int(g[0]) for g in groups.members]
+    assert len(set(heads)) == len(heads)
+    # centres are on the anchors (frames 4 and 0 of the first segment, 7 of the second) and absorb tokens
+    # of other frames of their own segment only
+    for g in merged:
+        frame_of = (g // 12).tolist()
+        assert frame_of[0] in (0, 4, 7)
+        assert all((f < 5) == (frame_of[0] < 5) for f in frame_of)
+    for members, weights in zip(groups.members, groups.weights, strict=True):
+        if len(members) > 1:  # a centre's share is at least beta, the members' shares add up to one
+            assert abs(float(weights.sum()) - 1.0) < 1e-6 and float(weights[0]) >= 0.6
+
+
+def test_fastvid_keeps_its_groups_of_each_segment_in_the_model(adapter, photos):
+    if "video" not in _cases(adapter, "fastvid"):
+        pytest.skip(f"no video on {adapter.family}")
+    request = _requests("video", photos, 3)[2]  # six frames
+    sets = _compressing("fastvid")
+    pipe = Pipeline(adapter, _method(adapter, "fastvid", sets))
+    account = pipe.generate([request], 1)[0].account
+    (unit,) = pipe.visual_tokens([request])[0]
+    n, count = unit.frame_tokens, unit.num_frames
+    frames = unit.position_features()[: count * n].reshape(count, n, -1)
+    expected = len(fastvid_groups(frames, float(sets["ratio"])).members)
+    assert account.visual_kept == expected + (unit.num_positions - count * n)  # and the trailing newline
+    assert account.visual_kept <= int(n * float(sets["ratio"])) * count + (unit.num_positions - count * n)
 
 
 def test_prumerge_keeps_the_attention_outliers_and_even_samples_and_absorbs_by_key(adapter, photos):

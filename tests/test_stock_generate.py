@@ -48,6 +48,7 @@ BY_METHOD = {
     "pyramiddrop": ("pyramiddrop", None),
     "cdpruner": ("cdpruner", None),
     "vidcom2": ("vidcom2", None),
+    "fastvid": ("fastvid", None),
     "prumerge": ("prumerge", None),
 }
 
@@ -211,7 +212,7 @@ def test_every_registered_method_has_a_stock_generate_row():
 @pytest.mark.parametrize("spec", [*sorted(BY_METHOD), "dymu-dycoke"])
 def test_every_method_runs_under_greedy_sampling_and_beams_or_refuses(llava_ov, photos, spec, mode):
     spec, sets = BY_METHOD.get(spec, (spec, None))
-    video = spec in ("dycoke", "dymu-dycoke", "vidcom2")
+    video = spec in ("dycoke", "dymu-dycoke", "vidcom2", "fastvid")
     frames = [photos[k % 6] for k in range(4)]
     inputs = stock_inputs(llava_ov, ["what is it?"], [[] if video else [photos[5]]], videos=[frames] if video else None)
     method = _method(llava_ov, spec, sets)

@@ -58,6 +58,11 @@ CASES: dict[str, Case] = {
         Target("LLM prefill", PREFILL, 0.40),
         OVERHEAD,
     )),
+    # FastVID keeps a quarter of every frame's tokens: VidCom2's bound (the same share of the video)
+    "fastvid": Case("FastVID (25 % of every frame) on LLaVA-OneVision-0.5B, 32 frames", (
+        Target("LLM prefill", PREFILL, 0.40),
+        OVERHEAD,
+    )),
     "dycoke-evict": Case("DyCoke (K=0.7, evict mode) on LLaVA-OneVision-0.5B, 32 frames", (
         Target("LLM prefill", PREFILL, 0.60),
         Target("KV cache at the end", ("kv_cache_bytes_whole_model", "kv_cache_bytes"), 0.55),

@@ -17,6 +17,7 @@ from tokcomp.methods import (  # noqa: F401  (each registers its methods)
     dycoke,
     dymu,
     fastv,
+    fastvid,
     prumerge,
     pruning,
     pyramiddrop,
