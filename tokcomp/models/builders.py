@@ -61,6 +61,26 @@ def onevision(
     return full, processor
 
 
+def _qwen_family(
+    config_class: type, vision: dict, text: dict, pixels: tuple[int, int], rope: dict, patch: int, normalise: tuple,
+    **config: Any,
+) -> tuple[Any, Qwen2VLImageProcessorPil]:
+    """The config and PIL image processor both Qwen families build the same way: the merger projecting to the
+    LLM's width, ``rope`` as the text rotary parameters, images between ``pixels`` (min, max)."""
+    full = config_class(
+        vision_config={"out_hidden_size": text["hidden_size"], **vision},
+        text_config={"bos_token_id": None, "eos_token_id": None, **text, "rope_parameters": rope}, **config,
+    )  # fmt: skip
+    low, high = pixels
+    mean, std = normalise
+    processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": low, "longest_edge": high}, patch_size=vision.get("patch_size", patch),
+        temporal_patch_size=vision.get("temporal_patch_size", 2), merge_size=vision.get("spatial_merge_size", 2),
+        image_mean=mean, image_std=std,
+    )  # fmt: skip
+    return full, processor
+
+
 def qwen2_5_vl(
     vision: dict, text: dict, pixels: tuple[int, int], mrope_section: list[int], **config: Any
 ) -> tuple[Qwen2_5_VLConfig, Qwen2VLImageProcessorPil]:
@@ -68,17 +88,7 @@ def qwen2_5_vl(
     splits the rotary frequencies among time, height and width); images between ``pixels`` (min, max)."""
     theta = text.pop("rope_theta", 1_000_000.0)
     rope = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(mrope_section)}
-    full = Qwen2_5_VLConfig(
-        vision_config={"out_hidden_size": text["hidden_size"], **vision},
-        text_config={"bos_token_id": None, "eos_token_id": None, **text, "rope_parameters": rope}, **config,
-    )  # fmt: skip
-    low, high = pixels
-    processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": low, "longest_edge": high}, patch_size=vision.get("patch_size", 14),
-        temporal_patch_size=vision.get("temporal_patch_size", 2), merge_size=vision.get("spatial_merge_size", 2),
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    )  # fmt: skip
-    return full, processor
+    return _qwen_family(Qwen2_5_VLConfig, vision, text, pixels, rope, 14, (CLIP_MEAN, CLIP_STD), **config)
 
 
 def qwen3_vl(
@@ -89,17 +99,7 @@ def qwen3_vl(
     theta = text.pop("rope_theta", 5_000_000.0)
     rope = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(mrope_section),
             "mrope_interleaved": True}  # fmt: skip
-    full = Qwen3VLConfig(
-        vision_config={"out_hidden_size": text["hidden_size"], **vision},
-        text_config={"bos_token_id": None, "eos_token_id": None, **text, "rope_parameters": rope}, **config,
-    )  # fmt: skip
-    low, high = pixels
-    processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": low, "longest_edge": high}, patch_size=vision.get("patch_size", 16),
-        temporal_patch_size=vision.get("temporal_patch_size", 2), merge_size=vision.get("spatial_merge_size", 2),
-        image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
-    )  # fmt: skip
-    return full, processor
+    return _qwen_family(Qwen3VLConfig, vision, text, pixels, rope, 16, (SIGLIP_MEAN, SIGLIP_STD), **config)
 
 
 def set_special_tokens(model: PreTrainedModel, tokenizer, generation_only: bool = False) -> None:

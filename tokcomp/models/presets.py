@@ -82,20 +82,19 @@ def _build_tiny_llava_ov(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, 
     return LlavaOnevisionForConditionalGeneration(config), processor
 
 
-def _build_tiny_qwen2_5_vl(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
-    config, processor = builders.qwen2_5_vl(
-        dict(spec["vision"]), {"vocab_size": vocab_size, **spec["text"]}, tuple(spec["pixels"]), spec["mrope_section"],
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return Qwen2_5_VLForConditionalGeneration(config), processor
+def _qwen_builder(make: Callable, model_class: type) -> Callable[[dict, int], tuple[PreTrainedModel, object]]:
+    """A Qwen family's preset builder: ``make`` (``builders.qwen2_5_vl`` / ``qwen3_vl``) and the model class."""
+
+    def build(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
+        config, processor = make(dict(spec["vision"]), {"vocab_size": vocab_size, **spec["text"]},
+                                 tuple(spec["pixels"]), spec["mrope_section"], tie_word_embeddings=False)  # fmt: skip
+        return model_class(config), processor
+
+    return build
 
 
-def _build_tiny_qwen3_vl(spec: dict, vocab_size: int) -> tuple[PreTrainedModel, object]:
-    config, processor = builders.qwen3_vl(
-        dict(spec["vision"]), {"vocab_size": vocab_size, **spec["text"]}, tuple(spec["pixels"]), spec["mrope_section"],
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return Qwen3VLForConditionalGeneration(config), processor
+_build_tiny_qwen2_5_vl = _qwen_builder(builders.qwen2_5_vl, Qwen2_5_VLForConditionalGeneration)
+_build_tiny_qwen3_vl = _qwen_builder(builders.qwen3_vl, Qwen3VLForConditionalGeneration)
 
 
 # Qwen2.5-VL's conversation format ("<|im_start|>user\n<|vision_start|><image><|vision_end|>...").
