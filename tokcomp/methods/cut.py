@@ -245,3 +245,11 @@ class LayerCut(AttentionHook):
         if columns is None:
             return key, value, key_valid
         return key, value, columns.to(key_valid.device)
+
+
+def recorded_cut(hooks: list, kind: type[LayerCut], sample: int, account) -> LayerCut:
+    """The batch's one cut of class ``kind``, after writing request ``sample``'s drops on its account
+    (what every cutting method's report starts with)."""
+    (hook,) = [h for h in hooks if isinstance(h, kind)]
+    account.llm_drops = hook.drops(sample)
+    return hook

@@ -19,7 +19,7 @@ from torch import nn
 from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
 from tokcomp.methods.base import Method
-from tokcomp.methods.cut import LayerCut
+from tokcomp.methods.cut import LayerCut, recorded_cut
 from tokcomp.methods.fastv import check_cut_layer
 from tokcomp.methods.settings import check_ratio, register
 
@@ -119,7 +119,5 @@ class DART(Method):
         return [hook]
 
     def report(self, hooks, sample: int, account) -> dict:
-        (hook,) = [h for h in hooks if isinstance(h, DARTPruning)]
-        dropped = hook.dropped_per_sample()[sample]
-        account.llm_drops = hook.drops(sample)
-        return {"dart": {"layer": self.layer, "dropped_visual": int(dropped)}}
+        hook = recorded_cut(hooks, DARTPruning, sample, account)
+        return {"dart": {"layer": self.layer, "dropped_visual": int(hook.dropped_per_sample()[sample])}}

@@ -13,7 +13,7 @@ import torch
 from tokcomp.errors import TokcompError
 from tokcomp.methods import selection as S
 from tokcomp.methods.base import Method
-from tokcomp.methods.cut import LayerCut
+from tokcomp.methods.cut import LayerCut, recorded_cut
 from tokcomp.methods.settings import check_ratio, register
 
 if TYPE_CHECKING:
@@ -76,7 +76,5 @@ class FastV(Method):
         return [FastVPruning(layer=self.layer, keep=self.keep, visual=visual, num_layers=len(cache.layers))]
 
     def report(self, hooks, sample: int, account) -> dict:
-        (hook,) = [h for h in hooks if isinstance(h, FastVPruning)]
-        dropped = hook.dropped_per_sample()[sample]
-        account.llm_drops = hook.drops(sample)
-        return {"fastv": {"layer": self.layer, "dropped_visual": int(dropped)}}
+        hook = recorded_cut(hooks, FastVPruning, sample, account)
+        return {"fastv": {"layer": self.layer, "dropped_visual": int(hook.dropped_per_sample()[sample])}}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from tokcomp.errors import TokcompError
 from tokcomp.methods.base import Method
+from tokcomp.methods.cut import recorded_cut
 from tokcomp.methods.fastv import FastVPruning
 from tokcomp.methods.settings import check_ratio, register
 
@@ -58,6 +59,5 @@ class PyramidDrop(Method):
                              num_layers=len(cache.layers))]  # fmt: skip
 
     def report(self, hooks, sample: int, account) -> dict:
-        (hook,) = [h for h in hooks if isinstance(h, FastVPruning)]
-        account.llm_drops = hook.drops(sample)
+        hook = recorded_cut(hooks, FastVPruning, sample, account)
         return {"pyramiddrop": {"layers": list(hook.cut_layers), "visual_per_stage": hook.visual_per_stage(sample)}}
