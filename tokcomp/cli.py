@@ -273,7 +273,7 @@ def calibrate(
     a = result.achieved
     off = 100 * (a.mean - result.target_tokens) / result.target_tokens
     out.print(
-        f"target {result.target_tokens} of {result.num_patches} patch tokens; achieved mean {a.mean:.1f} "
+        f"target {result.target_tokens} of {result.num_patches} {adapter.merge_unit}; achieved mean {a.mean:.1f} "
         f"± {a.std:.1f} (min {a.min}, max {a.max}; {off:+.1f}% vs target) over {result.num_images} images"
     )
     if abs(off) > 10:
