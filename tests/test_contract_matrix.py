@@ -110,8 +110,8 @@ ORACLES: dict[str, list[str]] = {
 }  # fmt: skip
 
 PROMPTS = ["what is in the picture ?", "describe it", "how many objects are there in these pictures ?"]
-# Methods that work inside the vision encoder: not on families without encoder stages yet (Qwen2.5-VL;
-# tests/test_qwen.py checks they refuse in one line there).
+# Methods that work inside the vision encoder: not on families without those encoder stages yet (merging
+# inside the Qwen3-VL tower; tests/test_qwen3.py checks it refuses in one line there).
 ENCODER_METHODS = {"dymu", "dtome", "tome", "visionzip", "prumerge"}
 TRACE_METHODS = {"visionzip", "prumerge"}
 NEW_TOKENS = 3
@@ -156,7 +156,7 @@ def _cases(adapter, name: str) -> list[str]:
 
 def _encoder_stages(adapter) -> None:
     """These checks read the LLaVA encoders' merge and trace state (tests/test_qwen_merging.py: Qwen2.5-VL)."""
-    if not adapter.supports_encoder_traces:
+    if adapter.uses_mrope:
         pytest.skip(f"LLaVA encoder internals; the {adapter.family} family's merging has its own tests")
 
 
@@ -179,6 +179,14 @@ def _resolve(target: str) -> tuple[object, str]:
     for parent in parents:
         owner = getattr(owner, parent)
     return owner, attr
+
+
+# What a spied function is called on the Qwen families (their towers have their own trace).
+QWEN_TARGETS = {"tokcomp.methods.trace:EncoderTrace.record": "tokcomp.models.qwen_trace:QwenTrace.record"}
+
+
+def _family_target(adapter, target: str) -> str:
+    return QWEN_TARGETS.get(target, target) if adapter.uses_mrope else target
 
 
 def _spy(monkeypatch, target: str) -> list[int]:
@@ -230,7 +238,7 @@ def test_a_neutral_setting_runs_the_method_and_is_bit_identical(adapter, photos,
         request = _requests(kind, photos, 1)[0]
         expected_ids, expected_logits = _plain(adapter, kind, request)
         with monkeypatch.context() as patch:
-            calls = {target: _spy(patch, target) for target in targets}
+            calls = {target: _spy(patch, _family_target(adapter, target)) for target in targets}
             pipe = Pipeline(adapter, _method(adapter, name, sets))
             got = pipe.generate([request], NEW_TOKENS)[0]
         assert all(calls.values()), f"{name} {sets} on {kind}: never ran {[t for t, c in calls.items() if not c]}"

@@ -159,7 +159,7 @@ def _stock_visual_features(qwen, inputs) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", ["none", *PRUNING, "fastv", "dycoke"])
+@pytest.mark.parametrize("name", ["none", *PRUNING, "fastv", "dycoke", "visionzip", "prumerge"])
 def test_the_pipeline_answers_as_stock_generate_does(qwen, batch, name):
     images, videos, inputs = batch
     if name.startswith("dycoke"):
@@ -179,12 +179,15 @@ def test_the_pipeline_answers_as_stock_generate_does(qwen, batch, name):
         assert (got.account.visual_kept, got.account.visual_full) == (account.visual_kept, account.visual_full)
 
 
-@pytest.mark.parametrize("name", ["visionzip", "prumerge"])
-def test_encoder_trace_methods_say_they_do_not_run_on_this_family_yet(qwen, batch, name):
+def test_visionzip_under_stock_generate_compresses_every_request(qwen, batch):
+    """The encoder trace (tokcomp.models.qwen_trace) drives VisionZip inside stock generate: every image and
+    video keeps its dominant and contextual tokens per view, fewer than the stock ones."""
     _, _, inputs = batch
-    method = tokcomp.method(name)
-    with pytest.raises(TokcompError, match="inside the vision encoder"), method(qwen.model):
+    method = tokcomp.method("visionzip", dominant=6, contextual=2)
+    with torch.no_grad(), method(qwen.model):
         qwen.model.generate(**inputs, **GEN)
+    for account in method.accounts:
+        assert 0 < account.visual_kept < account.visual_full
 
 
 def test_more_placeholder_tokens_than_grids_is_a_clear_error(qwen, batch):

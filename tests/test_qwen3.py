@@ -146,7 +146,7 @@ def test_video_and_in_encoder_methods_refuse_in_one_line(qwen3, photos, tmp_path
     photos[0].save(image)
     code, _, err = run_tokcomp(["apply", "--model", "tiny-qwen3-vl", "--method", "visionzip", "--image", str(image),
                                   "--prompt", "what is it ?"], capsys)  # fmt: skip
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "vision encoder" in err
+    assert code == 0, err  # its encoder trace runs on this tower (tokcomp.models.qwen_trace)
     code, _, err = run_tokcomp(["apply", "--model", "tiny-qwen3-vl", "--method", "random-25", "--image",
                                   str(image), "--prompt", "what is it ?"], capsys)  # fmt: skip
     assert code == 0, err

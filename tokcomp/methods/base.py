@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from tokcomp.errors import TokcompError
 from tokcomp.methods.dtome import MergeRule
 from tokcomp.methods.settings import SettingsContext, field_settings, register
-from tokcomp.methods.trace import TraceSpec, attach_trace
+from tokcomp.methods.trace import TraceSpec
 
 if TYPE_CHECKING:
     import torch
@@ -156,9 +156,7 @@ class Method:
                 adapter.merging = stack.enter_context(adapter.attach_merging(rule, self.token_order))
             spec = self.encoder_trace(adapter)
             if spec is not None:
-                adapter.trace = stack.enter_context(
-                    attach_trace(adapter.vision_model, spec, cls=adapter.has_cls, merging=adapter.merging)
-                )
+                adapter.trace = stack.enter_context(adapter.attach_trace(spec))
             stack.enter_context(attach_stock_generate(adapter, self))
             adapter.active_method = self
             model._tokcomp_adapter = adapter

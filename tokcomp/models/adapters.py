@@ -6,6 +6,7 @@ last, CLS dropped; LLaVA-OneVision (SigLIP, no CLS) the last of its (already sho
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from transformers import PreTrainedModel
 from tokcomp.errors import TokcompError
 from tokcomp.methods.dtome import LayerSnapshot, MergeRule, MergeState, attach_merging, encoder_layers
 from tokcomp.methods.merge import TokenOrder
-from tokcomp.methods.trace import EncoderTrace, TraceView
+from tokcomp.methods.trace import EncoderTrace, TraceSpec, TraceView, attach_trace
 from tokcomp.models.visual import (
     EncodedImage,
     VisualUnit,
@@ -198,6 +199,11 @@ class VLMAdapter:
         """Token merging inside this family's vision encoder for the ``with`` block; yields its state."""
         with attach_merging(self.vision_model, rule, protected=self.protected, token_order=token_order) as state:
             yield state
+
+    def attach_trace(self, spec: TraceSpec) -> contextlib.AbstractContextManager:
+        """The encoder trace ``spec`` on this family's vision tower for the ``with`` block (under the attached
+        in-encoder merging, if any); yields the trace, whose ``take`` gives the views traced since."""
+        return attach_trace(self.vision_model, spec, cls=self.has_cls, merging=self.merging)
 
     # --- visual units (see tokcomp.models.visual) -----------------------------------------------
     def prepare_units(self, images: list[Image.Image], video: list[Image.Image] | None) -> list:

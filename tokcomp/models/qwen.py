@@ -33,7 +33,6 @@ class Qwen2_5_VLAdapter(VLMAdapter):
 
     family = "qwen2_5_vl"
     uses_mrope = True
-    supports_encoder_traces = False  # VisionZip / PruMerge+ traces of the windowed encoder: not yet
     merges_in_stock_features = True  # DToMe runs inside get_image_features (tokcomp.models.qwen_merging)
     merge_unit = "2x2 merge units"
 
@@ -238,8 +237,29 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         view = torch.arange(t).repeat_interleave(per)
         return torch.stack([view, torch.arange(per).repeat(t)], 1)
 
-    def layout(self, unit, values, fill):
-        raise TokcompError(f"{self.name}: encoder traces are not supported on the Qwen2.5-VL family yet")
+    def attach_trace(self, spec):
+        """The trace of ``spec`` on the tower (``tokcomp.models.qwen_trace``): per merge unit, the attention
+        its patches receive in their segment of the traced block, and their keys."""
+        from tokcomp.models.qwen_trace import attach_qwen_trace
+
+        if self.merging is not None:
+            raise TokcompError(f"{self.name}: an encoder trace under merging inside the Qwen vision tower is not "
+                               "supported")  # fmt: skip
+        return attach_qwen_trace(self.vision_model, spec)
+
+    def add_trace(self, units, tokens, views, stock):
+        """Each unit's trace per LLM token: its traced views (one per image, one per temporal slice of a
+        video) are already merge units in raster order, the unit's own token order."""
+        cursor = 0
+        for i in self.encode_order(units) if stock else range(len(units)):
+            count = units[i].grid_thw[0] if units[i].kind == "video" else 1
+            mine, cursor = views[cursor : cursor + count], cursor + count
+            device = tokens[i].mapping.device
+            tokens[i].trace = torch.cat([v.scores for v in mine]).to(device)
+            if mine and mine[0].keys is not None:
+                tokens[i].trace_keys = torch.cat([v.keys for v in mine]).to(device)
+        if cursor != len(views):
+            raise RuntimeError(f"the encoder trace saw {len(views)} views; the units have {cursor}")
 
     def units_from_inputs(self, rows: list[torch.Tensor], inputs: dict) -> list[tuple[list, list]]:
         """Images in order of ``image_grid_thw`` (their rows of ``pixel_values`` in turn), videos in order

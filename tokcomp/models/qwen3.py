@@ -29,7 +29,6 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     family = "qwen3_vl"
     supports_encoder_merging = False  # DToMe inside this tower (with its DeepStack taps): not yet
-    supports_encoder_traces = False
     merges_in_stock_features = False
 
     @property
