@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from stock_inputs import stock_inputs
 from test_encoder_trace import eager_trace
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -28,6 +31,7 @@ from tokcomp.methods.dtome import encoder_layers
 from tokcomp.methods.dycoke import DynamicPruning, apply_ttm
 from tokcomp.methods.fastv import FastVPruning, last_token_attention
 from tokcomp.methods.fastvid import density_scores, fastvid_groups, segment_lengths
+from tokcomp.methods.holitom import holitom_groups, holitom_segments, merge_into_kept, running_average_weights
 from tokcomp.methods.prumerge import absorbing_groups, attention_outliers, spread_samples
 from tokcomp.methods.pruning import DivPrune
 from tokcomp.methods.registry import METHODS, build_method
@@ -55,6 +59,10 @@ NEUTRAL: dict[str, tuple[dict[str, str], list[str]]] = {
     # every token of every frame salient: segments are cut, nothing is merged
     "fastvid": ({"ratio": "1", "d": "0"}, ["tokcomp.methods.fastvid:fastvid_groups",
                                            "tokcomp.methods.fastvid:segment_lengths"]),
+    # no position static (tau above any cosine), every token kept; inside the LLM a share that rounds to no merge
+    "holitom": ({"ratio": "1", "tau": "2", "inner_merge": "0.0001"},
+                ["tokcomp.methods.holitom:holitom_groups", "tokcomp.methods.holitom:holitom_segments",
+                 "tokcomp.methods.holitom:merge_into_kept"]),
     # every patch sampled (stride 1) and nothing absorbed
     "prumerge": ({"spread": "1000", "neighbours": "0"},
                  ["tokcomp.methods.prumerge:attention_outliers", "tokcomp.methods.prumerge:absorbing_groups"]),
@@ -81,6 +89,7 @@ COMPRESSING: dict[str, list[dict[str, str]]] = {
     "visionzip": [{"dominant": "20", "contextual": "6"}],
     "vidcom2": [{"ratio": "0.25"}, {"ratio": "0.4", "temperature": "1"}],
     "fastvid": [{"ratio": "0.3"}, {"ratio": "0.5", "p": "1", "c": "2"}],
+    "holitom": [{"ratio": "0.3", "tau": "0.5"}, {"ratio": "0.5", "inner_merge": "0", "inner_average": "running"}],
     "prumerge": [{"spread": "3", "neighbours": "8"}, {"spread": "0", "neighbours": "4"}],
 }
 
@@ -105,6 +114,8 @@ ORACLES: dict[str, list[str]] = {
     "prumerge": ["test_prumerge_keeps_the_attention_outliers_and_even_samples_and_absorbs_by_key"],
     "fastvid": ["test_fastvid_cuts_at_scene_changes_keeps_the_salient_and_merges_into_density_peaks",
                 "test_fastvid_keeps_its_groups_of_each_segment_in_the_model"],
+    "holitom": ["test_holitom_segments_for_the_most_saved_merges_static_tokens_and_keeps_attended_dynamic_ones",
+                "test_holitom_merges_the_least_attended_into_their_most_similar_kept_token_inside_the_llm"],
     "vidcom2": ["test_vidcom2_gives_the_odd_frame_more_and_keeps_the_least_typical_tokens",
                 "test_vidcom2_keeps_its_choice_of_each_frame_in_the_model"],
 }  # fmt: skip
@@ -733,6 +744,90 @@ def test_fastvid_keeps_its_groups_of_each_segment_in_the_model(adapter, photos):
     expected = len(fastvid_groups(frames, float(sets["ratio"])).members)
     assert account.visual_kept == expected + (unit.num_positions - count * n)  # and the trailing newline
     assert account.visual_kept <= int(n * float(sets["ratio"])) * count + (unit.num_positions - count * n)
+
+
+def _best_saving_by_brute_force(similarity: torch.Tensor, count: int, tau: float) -> int:
+    best = 0
+    for cuts in itertools.product([False, True], repeat=count - 1):  # a cut after frame t or not
+        saved, start = 0, 0
+        for end in [t for t, cut in enumerate(cuts) if cut] + [count - 1]:
+            if end > start:
+                saved += int((similarity[start:end] > tau).all(dim=0).sum()) * (end - start)
+            start = end + 1
+        best = max(best, saved)
+    return best
+
+
+@given(st.integers(2, 7), st.integers(1, 6), st.floats(0.0, 0.9), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_holitom_segmentation_is_the_best_of_all_segmentations(count, n, tau, seed):
+    similarity = torch.rand(count - 1, n, generator=torch.Generator().manual_seed(seed))
+    lengths, saved = holitom_segments(similarity, count, tau, 1024)
+    assert sum(lengths) == count and all(length >= 1 for length in lengths)
+    assert saved == _best_saving_by_brute_force(similarity, count, tau)
+    recount, start = 0, 0
+    for length in lengths:  # what the segments save is what the dynamic programme says
+        if length > 1:
+            recount += int((similarity[start : start + length - 1] > tau).all(dim=0).sum()) * (length - 1)
+        start += length
+    assert recount == saved
+
+
+def test_holitom_segments_for_the_most_saved_merges_static_tokens_and_keeps_attended_dynamic_ones():
+    generator = torch.Generator().manual_seed(0)
+    n, d = 12, 16
+    background = torch.randn(1, n, d, generator=generator)
+    frames = background.repeat(6, 1, 1) + 0.01 * torch.randn(6, n, d, generator=generator)
+    frames[:, 10:] = torch.randn(6, 2, d, generator=generator)  # two positions change every frame
+    frames[3:, :5] = torch.randn(1, 5, d, generator=generator)  # a scene change on half the picture at frame 3
+    scores = torch.rand(6, n, generator=generator)
+    groups = holitom_groups(frames, scores, ratio=0.25, tau=0.8)
+    # frames 0-2 share positions 0-9, frames 3-5 positions 0-9 too (after the change): two segments of 3
+    assert groups.segments == [3, 3]
+    members = torch.cat(groups.members)
+    assert members.unique().numel() == members.numel()  # no token in two groups
+    static = [g for g in groups.members if len(g) > 1]
+    for g in static:  # a static cluster holds its positions over all three frames of its segment
+        frames_of, positions = (g // n), (g % n)
+        assert set(frames_of.tolist()) in ({0, 1, 2}, {3, 4, 5}) and bool((positions < 10).all())
+    saved = 2 * 10 * 2
+    share = 0.25 * 6 * n / (6 * n - saved)
+    dynamic = [int(g[0]) for g in groups.members if len(g) == 1]
+    assert len(dynamic) == 6 * math.ceil(share * 2)  # per frame ceil(r' * 2) of its two changing positions
+    for f in range(6):  # the most attended of them
+        mine = [i % n for i in dynamic if i // n == f]
+        assert sorted(mine) == sorted(S.top_k_stable(scores[f, 10:], len(mine)).add(10).tolist())
+    assert len(static) == 2 * max(1, round(share * 10))
+    for weights in groups.weights:
+        assert abs(float(weights.sum()) - 1.0) < 1e-6
+    # the budget: about ratio of the video (rounding up per frame and per segment)
+    assert abs(len(groups.members) - 0.25 * 6 * n) <= 6 + 2
+
+
+def test_holitom_merges_the_least_attended_into_their_most_similar_kept_token_inside_the_llm(adapter, photos):
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.1, 0.9], [5.0, 5.0]]])
+    kept = torch.tensor([[True, True, False, False, False, False]])
+    merged = torch.tensor([[False, False, True, True, True, False]])
+    out = merge_into_kept(hidden, kept, merged, running=False)
+    assert torch.allclose(out[0, 0], (hidden[0, 0] + hidden[0, 2]) / 2)
+    assert torch.allclose(out[0, 1], (hidden[0, 1] + hidden[0, 3] + hidden[0, 4]) / 3)
+    assert torch.equal(out[0, 2:], hidden[0, 2:])  # the merged ones leave with the cut; others stay
+    running = merge_into_kept(hidden, kept, merged, running=True)
+    assert torch.allclose(running[0, 1], ((hidden[0, 1] + hidden[0, 3]) / 2 + hidden[0, 4]) / 2)
+    assert float(running_average_weights(3).sum()) == 1.0
+    if "video" not in _cases(adapter, "holitom"):
+        return
+    request = _requests("video", photos, 3)[1]
+    merging = Pipeline(adapter, _method(adapter, "holitom", {"ratio": "0.5", "inner_merge": "0.5"}))
+    cut = merging.generate([request], 1)[0]
+    outside = Pipeline(adapter, _method(adapter, "holitom", {"ratio": "0.5", "inner_merge": "0"}))
+    plain = outside.generate([request], 1)[0]
+    assert cut.account.visual_kept == plain.account.visual_kept  # the same tokens enter the LLM
+    ((layer, gone),) = cut.account.llm_drops
+    assert layer == round(adapter.language_model.config.num_hidden_layers * 18 / 28)  # the released depth, scaled
+    visual = plain.account.visual_kept
+    assert gone == visual - max(1, round(0.5 * visual))
+    assert not torch.equal(merging.last_prefill_logits, outside.last_prefill_logits)
 
 
 def test_prumerge_keeps_the_attention_outliers_and_even_samples_and_absorbs_by_key(adapter, photos):

@@ -49,6 +49,7 @@ BY_METHOD = {
     "cdpruner": ("cdpruner", None),
     "vidcom2": ("vidcom2", None),
     "fastvid": ("fastvid", None),
+    "holitom": ("holitom", None),
     "prumerge": ("prumerge", None),
 }
 
@@ -212,7 +213,7 @@ def test_every_registered_method_has_a_stock_generate_row():
 @pytest.mark.parametrize("spec", [*sorted(BY_METHOD), "dymu-dycoke"])
 def test_every_method_runs_under_greedy_sampling_and_beams_or_refuses(llava_ov, photos, spec, mode):
     spec, sets = BY_METHOD.get(spec, (spec, None))
-    video = spec in ("dycoke", "dymu-dycoke", "vidcom2", "fastvid")
+    video = spec in ("dycoke", "dymu-dycoke", "vidcom2", "fastvid", "holitom")
     frames = [photos[k % 6] for k in range(4)]
     inputs = stock_inputs(llava_ov, ["what is it?"], [[] if video else [photos[5]]], videos=[frames] if video else None)
     method = _method(llava_ov, spec, sets)

@@ -63,13 +63,13 @@ def mean_token_attention(frame: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x @ x.mean(dim=0) / x.shape[-1] ** 0.5, dim=0)
 
 
-def density_scores(tokens: torch.Tensor) -> torch.Tensor:
+def density_scores(tokens: torch.Tensor, neighbours: int = DENSITY_NEIGHBOURS) -> torch.Tensor:
     """(m,) density-peak scores of tokens (m, D): local density exp(-mean squared distance to the
-    nearest ``DENSITY_NEIGHBOURS``) times the distance to the nearest denser token (for the densest,
-    the largest distance)."""
+    nearest ``neighbours`` (the token itself included)) times the distance to the nearest denser token
+    (for the densest, the largest distance)."""
     x = tokens.float()
     distance = torch.cdist(x, x) / x.shape[-1] ** 0.5
-    nearest = distance.topk(min(DENSITY_NEIGHBOURS, x.shape[0]), dim=-1, largest=False).values
+    nearest = distance.topk(max(1, min(neighbours, x.shape[0])), dim=-1, largest=False).values
     density = torch.exp(-(nearest**2).mean(dim=-1))
     denser = S.round_mantissa(density)[None, :] > S.round_mantissa(density)[:, None]  # [i, j]: j denser than i
     to_denser = distance.masked_fill(~denser, float("inf")).min(dim=-1).values

@@ -2,5 +2,5 @@
 
 METHOD_NAMES = (
     "none", "dymu", "dtome", "tome", "dycoke", "adaptive", "fastv", "dart", "pyramiddrop", "random", "divprune",
-    "cdpruner", "visionzip", "prumerge", "vidcom2", "fastvid",
+    "cdpruner", "visionzip", "prumerge", "vidcom2", "fastvid", "holitom",
 )  # fmt: skip

@@ -18,6 +18,7 @@ from tokcomp.methods import (  # noqa: F401  (each registers its methods)
     dymu,
     fastv,
     fastvid,
+    holitom,
     prumerge,
     pruning,
     pyramiddrop,

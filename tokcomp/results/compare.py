@@ -3,7 +3,8 @@
 A budget is the share of an image's visual tokens that a method lets through: into the LLM for the
 methods before it, past the cut for those inside it (FastV and DART; PyramidDrop's last stage holds
 the share, so its lambda is the share's cube root), per encoder view for VisionZip, ToMe and DyMU
-(a token count, DyMU's from a calibration to that count), of the video for VidCom2 (tc_motion only).
+(a token count, DyMU's from a calibration to that count), of the video for VidCom2, FastVID and HoliTom
+(tc_motion only; HoliTom without its merge inside the LLM, so that the share is what the LLM gets).
 PruMerge+ chooses its own count and DyCoke's TTM spares every fourth frame: they have no matched form.
 ``python -m tokcomp.results.compare`` prints the plan, one tab-separated line per run: label, method,
 ``--set`` options, tasks, and the DyMU calibration's token count (``-`` for none).
@@ -46,6 +47,8 @@ def matched_runs(patches: int, budgets: tuple[float, ...] = BUDGETS) -> list[Com
             CompareRun(f"dart-{pct}", "dart", {"keep": text}),
             CompareRun(f"pyramiddrop-{pct}", "pyramiddrop", {"keep": f"{share ** (1 / 3):.3f}"}),
             CompareRun(f"vidcom2-{pct}", "vidcom2", {"ratio": text}, tasks="tc_motion"),
+            CompareRun(f"fastvid-{pct}", "fastvid", {"ratio": text}, tasks="tc_motion"),
+            CompareRun(f"holitom-{pct}", "holitom", {"ratio": text, "inner_merge": "0"}, tasks="tc_motion"),
         ]  # fmt: skip
     return runs
 
