@@ -182,7 +182,7 @@ train-v2: install
 # numbers are extrapolated and labelled. About 11-16 minutes on 2 cores (estimated from the FLOPs).
 BENCH_DIR := results/bench
 BENCH := $(BIN)/tokcomp bench --max-new-tokens 8 --warmup 1
-BENCH_CASES := dymu-low fastv dart pyramiddrop cdpruner dycoke vidcom2 fastvid dycoke-evict adaptive-20 qwen-adaptive-20 \
+BENCH_CASES := dymu-low fastv dart pyramiddrop cdpruner dycoke vidcom2 fastvid holitom dycoke-evict adaptive-20 qwen-adaptive-20 \
   qwen-dymu-low qwen-dycoke
 benchmarks: install
 	$(BENCH) --model llava-1.5-7b-shape --llm-layers 2 --method dymu-low --input image --repeat 3 \
@@ -201,6 +201,8 @@ benchmarks: install
 	  --repeat 2 --out $(BENCH_DIR)/vidcom2.json
 	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 4 --vision-layers 1 --method fastvid --input video:32 \
 	  --repeat 2 --out $(BENCH_DIR)/fastvid.json
+	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 4 --vision-layers 1 --method holitom --input video:32 \
+	  --repeat 2 --out $(BENCH_DIR)/holitom.json
 	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 4 --vision-layers 1 --method dycoke-evict --input video:32 \
 	  --repeat 2 --out $(BENCH_DIR)/dycoke-evict.json
 	$(BENCH) --model llava-ov-0.5b-shape --llm-layers 2 --vision-layers 4 --method adaptive-20 --input images:4 \

@@ -103,7 +103,8 @@ def test_the_extrapolations_of_a_cut_method_say_how_its_layers_were_charged():
     metrics: dict[str, tuple[float, float, str]] = {}
     times = {("full", "prefill"): 8.0, ("method", "prefill"): 6.0, ("full", "ttft"): 10.0,
              ("method", "ttft"): 8.0, ("full", "vision"): 1.0, ("method", "vision"): 1.0,
-             ("full", "decode_per_token"): 4.0, ("method", "decode_per_token"): 3.0}  # fmt: skip
+             ("full", "decode_per_token"): 4.0, ("method", "decode_per_token"): 3.0,
+             ("full", "trace"): 0.0, ("method", "trace"): 0.0}  # fmt: skip
 
     def add(name, full, method, unit, note=""):
         metrics[name] = (full, method, note)
@@ -114,3 +115,24 @@ def test_the_extrapolations_of_a_cut_method_say_how_its_layers_were_charged():
     assert "layers 0-1 at the plain per-layer time, layers 2-31" in note
     assert metrics["ttft_whole_model_ms"][:2] == pytest.approx((10 + 56, 8 + 28))
     assert "layers 2-31" in metrics["decode_per_token_whole_model_ms"][2]
+
+
+def test_an_encoder_trace_is_charged_once_in_the_whole_encoder():
+    """The trace recomputes one layer's attention: the extrapolation scales the rest of the vision time
+    with the encoder's depth and adds the trace once."""
+    from tokcomp.benchmark.bench import _add_extrapolations
+
+    metrics: dict[str, tuple[float, float, str]] = {}
+    times = {("full", "prefill"): 8.0, ("method", "prefill"): 2.0, ("full", "ttft"): 20.0,
+             ("method", "ttft"): 16.0, ("full", "vision"): 10.0, ("method", "vision"): 13.0,
+             ("full", "decode_per_token"): 4.0, ("method", "decode_per_token"): 3.0,
+             ("full", "trace"): 0.0, ("method", "trace"): 3.0}  # fmt: skip
+
+    def add(name, full, method, unit, note=""):
+        metrics[name] = (full, method, note)
+
+    _add_extrapolations(add, lambda v, k: times[(v, k)], (4, 4), (1, 26))
+    assert metrics["vision_per_layer_ms"][:2] == pytest.approx((10.0, 10.0))
+    assert metrics["vision_whole_model_ms"][:2] == pytest.approx((260.0, 263.0))
+    assert "counted once" in metrics["vision_whole_model_ms"][2]
+    assert metrics["ttft_whole_model_ms"][:2] == pytest.approx((20 + 250, 16 + 250))

@@ -163,6 +163,7 @@ class Pipeline(Assembler):
         units = self.prepare(requests)
         t_pre = time.perf_counter()
         merge_before = self.adapter.merging.seconds if self.adapter.merging is not None else 0.0
+        trace_before = self.adapter.trace.seconds if self.adapter.trace is not None else 0.0
         encoded = self.visual_tokens(requests, units)
         _sync(dev)
         t_enc = time.perf_counter()
@@ -174,6 +175,7 @@ class Pipeline(Assembler):
         _sync(dev)
         t_sel = time.perf_counter()
         merge_s = (self.adapter.merging.seconds if self.adapter.merging is not None else 0.0) - merge_before
+        trace_s = (self.adapter.trace.seconds if self.adapter.trace is not None else 0.0) - trace_before
         spliced = [self.splice_ids(i, u, k) for i, u, k in zip(ids, unit_tokens, kinds, strict=True)]
         for s, rec in zip(spliced, records, strict=True):
             s.account.selection = rec
@@ -204,11 +206,12 @@ class Pipeline(Assembler):
         timings = {
             "preprocess": 1000 * (t_pre - t0),
             "vision": 1000 * (t_enc - t_pre),
+            "trace": 1000 * trace_s,  # part of vision: the encoder trace's recomputed attention, on one layer
             "select": 1000 * (t_sel - t_enc),
             "prefill": 1000 * run.prefill_s,
             "ttft": 1000 * (t1 - t0 + run.prefill_s),
             "decode_per_token": 1000 * decode / n_decode if n_decode > 0 else 0.0,
-            "method_overhead": 1000 * (merge_s + (t_sel - t_enc) + hook_s),
+            "method_overhead": 1000 * (merge_s + trace_s + (t_sel - t_enc) + hook_s),
         }
         for r in results:
             r.timings_ms = dict(timings)

@@ -31,7 +31,7 @@ from tokcomp.methods.base import Method
 from tokcomp.pipeline import Generation, Pipeline, Request
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "text", "page", "brick"]
-TIMED = ["preprocess", "vision", "select", "prefill", "ttft", "decode_per_token", "method_overhead"]
+TIMED = ["preprocess", "vision", "trace", "select", "prefill", "ttft", "decode_per_token", "method_overhead"]
 PER_ENCODER = ("vision", "ttft", "method_overhead")  # timings that change with the number of encoder layers run
 
 
@@ -254,7 +254,9 @@ def run_bench(
         med("method", "prefill") / used_layers, "ms", "measured prefill / decoder layers run")  # fmt: skip
     full_acc, method_acc = last["full"].account, last["method"].account
     drops = [layer for layer, dropped in method_acc.llm_drops if dropped]
-    cut_layer = drops[0] if len(drops) == 1 else 0  # one cut: its layers split (several: see the note)
+    # one cut at a fixed layer: its layers split (several, or one at a fraction of the depth: each layer run
+    # stands for as many real ones, since the fractions hold; see the note)
+    cut_layer = drops[0] if len(drops) == 1 and not method.cuts_scale_with_depth else 0
     _add_extrapolations(add, med, (used_layers, real_layers), (used_vision, real_vision), cut_layer)
     add("visual_tokens", full_acc.visual_full, method_acc.visual_kept, "tokens", "method: distinct tokens into prefill")
     add("visual_positions", full_acc.visual_positions, method_acc.visual_positions, "positions")
@@ -324,11 +326,18 @@ def _add_extrapolations(add, med, llm: tuple[int, int], vision: tuple[int, int],
 
     ``cut``: the decoder layer from which the method's sequence is shorter (0: none)."""
     (used, real), vision_scale = llm, vision[1] / vision[0]
+
+    def layers_ms(variant: str) -> float:
+        """Vision time spent in the encoder layers (an encoder trace recomputes one layer's attention once)."""
+        return med(variant, "vision") - med(variant, "trace")
+
     if vision[0] != vision[1]:
-        add("vision_per_layer_ms", med("full", "vision") / vision[0], med("method", "vision") / vision[0], "ms",
-            "measured vision time / encoder layers run")  # fmt: skip
-        add("vision_whole_model_ms", med("full", "vision") * vision_scale, med("method", "vision") * vision_scale,
-            "ms", f"extrapolated: measured per-layer time x {vision[1]} encoder layers")  # fmt: skip
+        traced = " (an encoder trace's one-layer recompute counted once)" if med("method", "trace") else ""
+        add("vision_per_layer_ms", layers_ms("full") / vision[0], layers_ms("method") / vision[0], "ms",
+            "measured vision time / encoder layers run" + traced)  # fmt: skip
+        add("vision_whole_model_ms", layers_ms("full") * vision_scale + med("full", "trace"),
+            layers_ms("method") * vision_scale + med("method", "trace"), "ms",
+            f"extrapolated: measured per-layer time x {vision[1]} encoder layers{traced}")  # fmt: skip
     cut = cut if 0 < cut < used else 0
     split = (f"; the method's layers 0-{cut - 1} at the plain per-layer time, layers {cut}-{real - 1} at its "
              f"measured time per shortened layer") if cut else ""  # fmt: skip
@@ -340,7 +349,7 @@ def _add_extrapolations(add, med, llm: tuple[int, int], vision: tuple[int, int],
         add("prefill_whole_model_ms", whole["full"], whole["method"], "ms",
             f"extrapolated: measured per-layer time x {real} layers{split}")  # fmt: skip
     if used != real or vision_scale != 1:
-        ttft = [med(v, "ttft") + whole[v] - med(v, "prefill") + med(v, "vision") * (vision_scale - 1)
+        ttft = [med(v, "ttft") + whole[v] - med(v, "prefill") + layers_ms(v) * (vision_scale - 1)
                 for v in ("full", "method")]  # fmt: skip
         parts = "prefill" + (" and vision" if vision_scale != 1 else "")
         add("ttft_whole_model_ms", ttft[0], ttft[1], "ms", f"extrapolated from the per-layer {parts} time{split}")

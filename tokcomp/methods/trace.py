@@ -17,6 +17,7 @@ token's keys); padding of the merged batch is left out of the mean.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,32 +54,49 @@ class EncoderTrace:
     cls: bool
     merging: MergeState | None = None
     views: list[TraceView] = field(default_factory=list)
+    seconds: float = 0.0  # time spent recomputing the traced attention (the method's own work), all forwards
 
     def take(self) -> list[TraceView]:
         views, self.views = self.views, []
         return views
 
-    def record(self, attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Score every view of one forward of the traced layer (``hidden``: the attention's input)."""
+    def record(self, attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+               projected: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+        """Score every view of one forward of the traced layer (``hidden``: the attention's input;
+        ``projected``: its query and key projections as the forward computed them, if caught)."""
+        start = time.perf_counter()
         heads = getattr(attn, "num_heads", None) or attn.config.num_attention_heads
         merged = self.merging is not None and self.merging.merged_any
         snapshot = self.merging.current if merged else None
+        projected = projected or {}
         with torch.no_grad():
+            rows = {}
+            for name in ("q", "k"):
+                out = projected.get(name)
+                if out is None or out.shape[:-1] != hidden.shape[:-1]:
+                    out = getattr(attn, f"{name}_proj")(hidden)
+                rows[name] = out.view(*hidden.shape[:2], heads, -1).transpose(1, 2)  # (B, heads, n, d)
             for b in range(hidden.shape[0]):  # one view at a time: one (heads, n, n) matrix at most
-                x = hidden[b : b + 1]
-                q = attn.q_proj(x).view(1, x.shape[1], heads, -1).transpose(1, 2)
-                k = attn.k_proj(x).view(1, x.shape[1], heads, -1).transpose(1, 2)
+                q, k = rows["q"][b : b + 1], rows["k"][b : b + 1]
+                if self.cls:
+                    q = q[:, :, :1]  # only what the CLS query pays is read
                 logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
                 if mask is not None:
-                    logits = logits + mask[b : b + 1]
+                    logits = logits + mask[b : b + 1, :, : q.shape[2]]
                 weights = nn.functional.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)[0].float()
-                valid = snapshot.valid[b] if snapshot is not None else torch.ones_like(weights[0, 0], dtype=torch.bool)
                 # (n,): what the CLS query pays each token, else what each receives over the real queries
-                scores = weights[:, 0].mean(dim=0) if self.cls else weights[:, valid].mean(dim=1).mean(dim=0)
+                if self.cls:
+                    scores = weights[:, 0].mean(dim=0)
+                elif snapshot is None:
+                    scores = weights.mean(dim=1).mean(dim=0)
+                else:
+                    scores = weights[:, snapshot.valid[b]].mean(dim=1).mean(dim=0)
                 keys = k[0].float().mean(dim=0) if self.spec.keys else None  # (n, head_dim)
-                tokens = torch.arange(x.shape[1], device=x.device) if snapshot is None else snapshot.source[b]
+                n = hidden.shape[1]
+                tokens = torch.arange(n, device=hidden.device) if snapshot is None else snapshot.source[b]
                 patches = tokens[1:] if self.cls else tokens  # the token holding each patch
                 self.views.append(TraceView(scores[patches], None if keys is None else keys[patches]))
+        self.seconds += time.perf_counter() - start
 
 
 @contextmanager
@@ -92,12 +110,23 @@ def attach_trace(
     trace = EncoderTrace(spec, cls, merging)
     attn = layers[spec.layer - 1].self_attn
 
+    projected: dict[str, torch.Tensor] = {}  # the layer's own query and key projections, this forward
+
+    def catch(name: str):
+        def hook(module, args, output):
+            projected[name] = output
+
+        return hook
+
     def hook(module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        trace.record(module, hidden, kwargs.get("attention_mask"))
+        trace.record(module, hidden, kwargs.get("attention_mask"), dict(projected))
+        projected.clear()
 
-    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    handles = [attn.q_proj.register_forward_hook(catch("q")), attn.k_proj.register_forward_hook(catch("k")),
+               attn.register_forward_hook(hook, with_kwargs=True)]  # fmt: skip
     try:
         yield trace
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

@@ -13,6 +13,7 @@ image or temporal slice, so a trace lines up with the LLM tokens ``stock_unit_to
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,13 +26,17 @@ from tokcomp.methods.trace import TraceSpec, TraceView
 QUERY_CHUNK = 1024  # queries per softmax: bounds the (heads, chunk, segment) matrix of a large image
 
 
-def rotated_query_key(attn: nn.Module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+def rotated_query_key(
+    attn: nn.Module, hidden: torch.Tensor, position_embeddings, qkv: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(heads, S, head_dim) queries and keys of a Qwen vision attention for packed rows ``hidden`` (S, D),
-    after the 2-D rotary embedding, as its forward computes them."""
+    after the 2-D rotary embedding, as its forward computes them (``qkv``: its fused projection of
+    ``hidden``, if already computed)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     rows = hidden.shape[0]
-    q, k, _ = attn.qkv(hidden).reshape(rows, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    fused = qkv if qkv is not None and qkv.shape[0] == rows else attn.qkv(hidden)
+    q, k, _ = fused.reshape(rows, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
     return q.transpose(0, 1), k.transpose(0, 1)
@@ -64,6 +69,7 @@ class QwenTrace:
     window_size: int = 0
     patch_size: int = 0
     views: list[TraceView] = field(default_factory=list)
+    seconds: float = 0.0  # time spent recomputing the traced attention (the method's own work), all forwards
     _grids: torch.Tensor | None = None
     _rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -71,12 +77,15 @@ class QwenTrace:
         views, self.views = self.views, []
         return views
 
-    def record(self, attn: nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings) -> None:
+    def record(self, attn: nn.Module, hidden: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings,
+               qkv: torch.Tensor | None = None) -> None:  # fmt: skip
+        start = time.perf_counter()
         with torch.no_grad():
-            q, k = rotated_query_key(attn, hidden, position_embeddings)
+            q, k = rotated_query_key(attn, hidden, position_embeddings, qkv)
             scores = received_attention(q, k, cu_seqlens, attn.scaling)
             keys = k.float().mean(dim=0) if self.spec.keys else None  # (S, head_dim)
         self._rows = (scores, keys)
+        self.seconds += time.perf_counter() - start
 
     def finish(self) -> None:
         """The traced rows of the forward that just ended, as views of merge units in raster order."""
@@ -117,16 +126,23 @@ def attach_qwen_trace(tower: nn.Module, spec: TraceSpec) -> Iterator[QwenTrace]:
         grids = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
         trace._grids = grids.detach().to("cpu", torch.long)
 
+    fused: list[torch.Tensor] = []  # the traced block's own qkv projection, this forward
+
+    def catch(module, args, output):
+        fused[:] = [output]
+
     def traced(module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cu = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
-        trace.record(module, hidden, cu, kwargs["position_embeddings"])
+        trace.record(module, hidden, cu, kwargs["position_embeddings"], fused[0] if fused else None)
+        fused.clear()
 
     def after(module, args, kwargs, output):
         trace.finish()
 
     handles = [
         tower.register_forward_pre_hook(before, with_kwargs=True),
+        blocks[spec.layer - 1].attn.qkv.register_forward_hook(catch),
         blocks[spec.layer - 1].attn.register_forward_hook(traced, with_kwargs=True),
         tower.register_forward_hook(after, with_kwargs=True),
     ]
