@@ -158,7 +158,7 @@ readme-results: install
 
 # The stored calibrations in calib/ (used by later commands when only a budget is given).
 calibrations: install
-	for model in tiny-llava tiny-llava-ov tiny-qwen2.5-vl; do for budget in low mid high; do \
+	for model in tiny-llava tiny-llava-ov tiny-qwen2.5-vl tiny-qwen3-vl; do for budget in low mid high; do \
 	  $(BIN)/tokcomp calibrate --model $$model --budget $$budget --data builtin:skimage --batch-size 8 \
 	    --out calib/$$model/$$budget.yaml || exit 1; done; done
 	for budget in low mid high; do \

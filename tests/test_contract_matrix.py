@@ -121,10 +121,11 @@ ORACLES: dict[str, list[str]] = {
 }  # fmt: skip
 
 PROMPTS = ["what is in the picture ?", "describe it", "how many objects are there in these pictures ?"]
-# Methods that work inside the vision encoder: not on families without those encoder stages yet (merging
-# inside the Qwen3-VL tower; tests/test_qwen3.py checks it refuses in one line there).
+# Methods that work inside the vision encoder (every family has the stages now; a family without them would
+# skip these), and those that unmerge in the LLM (VTU: refused on DeepStack models, tests/test_qwen3.py).
 ENCODER_METHODS = {"dymu", "dtome", "tome", "visionzip", "prumerge"}
 TRACE_METHODS = {"visionzip", "prumerge"}
+VTU_METHODS = {"dymu"}
 NEW_TOKENS = 3
 NAMES = list(METHODS)
 
@@ -158,6 +159,8 @@ def _cases(adapter, name: str) -> list[str]:
     supported = adapter.supports_encoder_traces if name in TRACE_METHODS else adapter.supports_encoder_merging
     if name in ENCODER_METHODS and not supported:
         pytest.skip(f"{name} works inside the vision encoder: not on the {adapter.family} family yet")
+    if name in VTU_METHODS and adapter.deepstack_levels:
+        pytest.skip(f"{name} unmerges in the LLM (VTU): not on DeepStack models yet (tests/test_qwen3.py)")
     inputs = METHODS[name].inputs
     kinds = ["image"] if "image" in inputs else []
     if adapter.family in ("llava_onevision", "qwen2_5_vl") and "video" in inputs:

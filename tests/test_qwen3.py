@@ -135,21 +135,19 @@ def test_the_pipeline_answers_as_stock_generate_does(qwen3, batch):
     assert [r.token_ids for r in got] == plain.sequences[:, -4:].tolist()
 
 
-def test_video_and_in_encoder_methods_refuse_in_one_line(qwen3, photos, tmp_path, capsys):
+def test_video_and_vtu_refuse_in_one_line_and_in_encoder_methods_run(qwen3, photos, tmp_path, capsys):
     from cli_runner import run_tokcomp
 
     with pytest.raises(TokcompError, match="video input is not supported on the Qwen3-VL family"):
         Pipeline(qwen3).generate([Request("what happens ?", video=photos[:4])], 2)
-    with pytest.raises(TokcompError, match="works inside the vision encoder"), tokcomp.method("tome")(qwen3):
+    with pytest.raises(TokcompError, match="VTU"), tokcomp.method("dymu-mid")(qwen3):
         pass
     image = tmp_path / "a.png"
     photos[0].save(image)
-    code, _, err = run_tokcomp(["apply", "--model", "tiny-qwen3-vl", "--method", "visionzip", "--image", str(image),
-                                  "--prompt", "what is it ?"], capsys)  # fmt: skip
-    assert code == 0, err  # its encoder trace runs on this tower (tokcomp.models.qwen_trace)
-    code, _, err = run_tokcomp(["apply", "--model", "tiny-qwen3-vl", "--method", "random-25", "--image",
-                                  str(image), "--prompt", "what is it ?"], capsys)  # fmt: skip
-    assert code == 0, err
+    for name in ("visionzip", "random-25", "dtome-mid", "tome-mid"):  # DToMe / ToMe: tokcomp.models.qwen_merging
+        code, _, err = run_tokcomp(["apply", "--model", "tiny-qwen3-vl", "--method", name, "--image", str(image),
+                                    "--prompt", "what is it ?"], capsys)  # fmt: skip
+        assert code == 0, (name, err)
     code, _, err = run_tokcomp(["apply", "--model", "tiny-qwen3-vl", "--method", "dymu-mid", "--image", str(image),
                                 "--prompt", "what is it ?"], capsys)  # fmt: skip
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "inside the vision encoder" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "VTU" in err

@@ -152,6 +152,10 @@ class Method:
             if family_lacks:
                 raise TokcompError(f"method '{self.label}' works inside the vision encoder, which tokcomp does not "
                                    f"support on the {adapter.family} family yet")  # fmt: skip
+            if self.uses_vtu and adapter.deepstack_levels:
+                raise TokcompError(f"method '{self.label}' unmerges tokens in the LLM (VTU), which tokcomp does "
+                                   f"not support on DeepStack models ({adapter.family}) yet; dtome merges "
+                                   "without it")  # fmt: skip
             if rule is not None:
                 adapter.merging = stack.enter_context(adapter.attach_merging(rule, self.token_order))
             spec = self.encoder_trace(adapter)

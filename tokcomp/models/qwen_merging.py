@@ -1,4 +1,4 @@
-"""DToMe (and fixed-r ToMe) inside Qwen2.5-VL's windowed vision tower, on whole 2x2 merge units.
+"""DToMe (and fixed-r ToMe) inside Qwen2.5-VL's windowed vision tower (and Qwen3-VL's), on whole 2x2 merge units.
 
 The tower packs every image (and every temporal slice of a video) into one sequence, in window order,
 and its patch merger concatenates each group of four consecutive rows (a 2x2 *merge unit*) into one LLM
@@ -15,6 +15,10 @@ attends with DyMU's proportional bias log(size) per segment, computed from the b
 The merger's output is copied back to every original unit, so the stock forward's own reordering to
 raster order (and everything downstream) sees the stock token count; ``QwenMergeState.last`` says which
 merged token each unit is (DyMU's map M) and what the merged tokens are.
+
+Qwen3-VL's tower has no windows (every block attends to whole segments, rows in raster order) and taps
+a few intermediate blocks with DeepStack mergers: each tap's output is copied back to every stock unit
+the same way, so a merged token's DeepStack features are those of the merged unit at that block.
 """
 
 from __future__ import annotations
@@ -86,10 +90,13 @@ class QwenMergeState:
 
         tower = self.tower
         cu_full, _ = get_vision_attention_seqlens(self.grid_thw, tower.config)
-        self.window_index, cu_window = get_vision_window_index(
-            self.grid_thw, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size,
-            patch_size=tower.patch_size,
-        )  # fmt: skip
+        if windowed(tower):
+            self.window_index, cu_window = get_vision_window_index(
+                self.grid_thw, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size,
+                patch_size=tower.patch_size,
+            )  # fmt: skip
+        else:  # Qwen3-VL: every block attends to whole segments, rows in raster order
+            self.window_index, cu_window = torch.arange(rows // self.unit), cu_full
         edges_full = torch.unique_consecutive(torch.as_tensor(cu_full).long().cpu() // self.unit)
         edges_window = torch.unique_consecutive(torch.as_tensor(cu_window).long().cpu() // self.unit)
         window = torch.bucketize(torch.arange(rows // self.unit), edges_window[1:], right=True)
@@ -170,14 +177,17 @@ class QwenMergeState:
         return self.sizes[self.valid].clamp_min(1).log().repeat_interleave(self.unit).to(device)
 
     # --- the merger's output back to every stock unit ------------------------------------------
-    def expand(self, merged: torch.Tensor) -> torch.Tensor:
-        """(T, D) merged tokens -> (U0, D), one row per stock unit in window order; records ``last``."""
+    def expand(self, merged: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """(T, D) merged tokens -> (U0, D), one row per stock unit in window order; records ``last`` (not for
+        a DeepStack tap, whose merger reads an intermediate block)."""
         device = merged.device
         counts = self.valid.sum(dim=1).to(device)
         starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
         stock = torch.tensor(self.stock_units, device=device)
         stock_valid = torch.arange(self.source.shape[1], device=device)[None, :] < stock[:, None]
         token = (starts[:, None] + self.source.to(device))[stock_valid]  # (U0,) stock window order
+        if not record:
+            return merged[token]
         raster = torch.empty_like(token)
         raster[self.window_index.to(device)] = token
         self.last = UnitMergeRecord(
@@ -185,6 +195,11 @@ class QwenMergeState:
             layer_counts=[list(c) for c in self.counts],
         )  # fmt: skip
         return merged[token]
+
+
+def windowed(tower: nn.Module) -> bool:
+    """Whether the tower has windowed blocks (Qwen2.5-VL) or attends to whole segments throughout (Qwen3-VL)."""
+    return hasattr(tower, "fullatt_block_indexes")
 
 
 def _sized_attention(attn: nn.Module, hidden: torch.Tensor, cu: torch.Tensor, cos: torch.Tensor,
@@ -228,9 +243,11 @@ def _merging_block_forward(block: nn.Module, index: int, full: bool, state: Qwen
 @contextmanager
 def attach_unit_merging(tower: nn.Module, rule: MergeRule, *, token_order: M.TokenOrder = "spatial"
                         ) -> Iterator[QwenMergeState]:  # fmt: skip
-    """Run Qwen2.5-VL's vision tower with DToMe on merge units; yields the state (``last`` per forward)."""
+    """Run a Qwen2.5-VL or Qwen3-VL vision tower with DToMe on merge units; yields the state (``last`` per
+    forward). On Qwen3-VL every block attends to whole segments and each DeepStack merger's output is
+    copied back to every stock unit too, like the final merger's."""
     state = QwenMergeState(rule=rule, tower=tower, token_order=token_order)
-    fullatt = set(tower.fullatt_block_indexes)
+    fullatt = set(tower.fullatt_block_indexes) if windowed(tower) else set(range(len(tower.blocks)))
     handles, patched = [], []
 
     def grid_hook(_module, args, kwargs):
@@ -247,6 +264,8 @@ def attach_unit_merging(tower: nn.Module, rule: MergeRule, *, token_order: M.Tok
             block.forward = _merging_block_forward(block, i, i in fullatt, state)
             patched.append(block)
         handles.append(tower.merger.register_forward_hook(lambda _m, _i, output: state.expand(output)))
+        for tap in getattr(tower, "deepstack_merger_list", []):
+            handles.append(tap.register_forward_hook(lambda _m, _i, output: state.expand(output, record=False)))
         yield state
     finally:
         detach(handles, patched)
