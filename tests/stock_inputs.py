@@ -8,7 +8,8 @@ view plus a newline for each of several), ``<video>`` to frames x pooled tokens 
 processor's ``pixel_values`` / ``image_sizes``, and ``batch_num_images``. The same holds for
 ``Qwen2_5_VLProcessor``: placeholders expanded to t*h*w/4 tokens, ``pixel_values`` rows with
 ``image_grid_thw``, the video's temporal patches with ``video_grid_thw`` and ``second_per_grid_ts``, and
-``mm_token_type_ids`` (1 on image tokens, 2 on video tokens); Qwen3-VL's images the same way.
+``mm_token_type_ids`` (1 on image tokens, 2 on video tokens); Qwen3-VL the same way, a video's tokens
+in one run per frame group after its timestamp (and no ``second_per_grid_ts``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,11 @@ def _qwen_inputs(adapter, prompts: list[str], images: list[list], videos: list) 
                 rows.append(unit.views)
                 grids.append(unit.grid_thw)
             else:
-                text = text.replace("<video>", "\x01" * count, 1)
+                runs = adapter.placeholder_runs("video", unit.grid_thw[0])  # Qwen3-VL: a run per frame group
+                if runs > 1:
+                    text = adapter.video_prompt(text, len(video))
+                for _ in range(runs):
+                    text = text.replace("<video>", "\x01" * (count // runs), 1)
                 video_rows.append(unit.views)
                 video_grids.append(unit.grid_thw)
                 seconds.append(unit.seconds_per_grid)
@@ -86,8 +91,9 @@ def _qwen_inputs(adapter, prompts: list[str], images: list[list], videos: list) 
     if rows:
         encoded.update(pixel_values=torch.cat(rows), image_grid_thw=torch.tensor(grids))
     if video_rows:
-        encoded.update(pixel_values_videos=torch.cat(video_rows), video_grid_thw=torch.tensor(video_grids),
-                       second_per_grid_ts=torch.tensor(seconds))  # fmt: skip
+        encoded.update(pixel_values_videos=torch.cat(video_rows), video_grid_thw=torch.tensor(video_grids))
+        if adapter.family == "qwen2_5_vl":  # Qwen3-VL writes the times as text instead
+            encoded["second_per_grid_ts"] = torch.tensor(seconds)
     return encoded
 
 

@@ -155,7 +155,7 @@ def adapter(request, llava, llava_ov, qwen, qwen3):
 
 def _cases(adapter, name: str) -> list[str]:
     """The input kinds this method is checked on for this family: images, and video where the family
-    takes it (OneVision, Qwen2.5-VL)."""
+    takes it (OneVision, Qwen2.5-VL, Qwen3-VL)."""
     supported = adapter.supports_encoder_traces if name in TRACE_METHODS else adapter.supports_encoder_merging
     if name in ENCODER_METHODS and not supported:
         pytest.skip(f"{name} works inside the vision encoder: not on the {adapter.family} family yet")
@@ -163,7 +163,7 @@ def _cases(adapter, name: str) -> list[str]:
         pytest.skip(f"{name} unmerges in the LLM (VTU): not on DeepStack models yet (tests/test_qwen3.py)")
     inputs = METHODS[name].inputs
     kinds = ["image"] if "image" in inputs else []
-    if adapter.family in ("llava_onevision", "qwen2_5_vl") and "video" in inputs:
+    if adapter.family in ("llava_onevision", "qwen2_5_vl", "qwen3_vl") and "video" in inputs:
         kinds.append("video")
     return kinds
 

@@ -109,6 +109,35 @@ def once_each(unit: UnitTokens) -> UnitTokens:
     return select_positions(unit, first.sort().values)
 
 
+@dataclass
+class Run:
+    """The part of a unit that one placeholder of the prompt takes: its unique entries and full positions
+    (indices into the unit's), and the stock positions it covers (``first``, ``length``)."""
+
+    entries: torch.Tensor
+    positions: torch.Tensor
+    first: int
+    length: int
+
+
+def unit_runs(unit: UnitTokens, count: int) -> list[Run]:
+    """A unit split into ``count`` runs of consecutive frames (one run: the whole unit). A position goes to
+    its stock frame's run, an entry to the run of its first position; entries stay in order."""
+    positions = unit.positions.cpu()
+    if count == 1:
+        return [Run(torch.arange(unit.kept), torch.arange(unit.num_positions), 0, unit.original)]
+    per_run = unit.frame_tokens
+    run_of_position = (positions // per_run).clamp(max=count - 1)
+    mapping = unit.mapping.cpu()
+    first = torch.full((unit.kept,), unit.num_positions, dtype=torch.long)
+    first.scatter_reduce_(0, mapping, torch.arange(unit.num_positions), "amin")
+    run_of_entry = run_of_position[first]
+    if bool((run_of_entry.diff() < 0).any()):
+        raise TokcompError("a unit's entries are not in frame order")
+    return [Run((run_of_entry == r).nonzero().flatten(), (run_of_position == r).nonzero().flatten(), r * per_run,
+                per_run) for r in range(count)]  # fmt: skip
+
+
 def text_token_ids(adapter: VLMAdapter, ids: torch.Tensor) -> torch.Tensor:
     """A prompt's token ids without its image/video placeholders: its text as the LLM reads it."""
     placeholders = [t for t in (adapter.image_token_id, adapter.video_token_id) if t is not None]
@@ -177,31 +206,45 @@ class Assembler:
 
     # --- splice ------------------------------------------------------------------------------
     def splice_ids(self, ids: torch.Tensor, units: list[UnitTokens], unit_kinds: list[str]) -> Spliced:
-        """The LLM input of token ids holding one placeholder per visual unit, with the units put in place."""
+        """The LLM input of token ids holding one placeholder per visual unit (per run of a unit the stock
+        prompt splits, Qwen3-VL's video frame groups), with the units put in place."""
         adapter = self.adapter
         placeholder_ids = {adapter.image_token_id: "image"}
         if adapter.video_token_id is not None:
             placeholder_ids[adapter.video_token_id] = "video"
         slots = [i for i, t in enumerate(ids.tolist()) if t in placeholder_ids]
         kinds = [placeholder_ids[int(ids[i])] for i in slots]
-        if kinds != unit_kinds:
+        layouts = [unit_runs(u, adapter.placeholder_runs(k, u.num_frames)) for u, k in zip(units, unit_kinds,
+                                                                                            strict=True)]  # fmt: skip
+        if kinds != [k for k, runs in zip(unit_kinds, layouts, strict=True) for _ in runs]:
             raise TokcompError(f"the prompt has placeholders {kinds} but the request has {unit_kinds}")
+        slot_runs = [(i, r) for i, runs in enumerate(layouts) for r in range(len(runs))]
         text_embeds = adapter.embed_tokens(ids.to(self.device))
+        # where each unit's unique entries land in the spliced sequence (a run's full positions may use an
+        # entry of another run: a merge across frame groups)
+        entry_index = [torch.empty(u.kept, dtype=torch.long) for u in units]
+        offset, start = 0, 0
+        for slot, (i, r) in zip(slots, slot_runs, strict=True):
+            offset += slot - start
+            entries = layouts[i][r].entries
+            entry_index[i][entries] = torch.arange(entries.numel()) + offset
+            offset, start = offset + entries.numel(), slot + 1
         pieces, maps, vis_un, vis_full = [], [], [], []
         offset, start = 0, 0
-        for slot, unit in zip([*slots, len(ids)], [*units, None], strict=True):
+        for slot, where in zip([*slots, len(ids)], [*slot_runs, None], strict=True):
             n_text = slot - start
             pieces.append(text_embeds[start:slot])
             maps.append(torch.arange(n_text, device=self.device) + offset)
             vis_un.append(torch.zeros(n_text, dtype=torch.bool))
             vis_full.append(torch.zeros(n_text, dtype=torch.bool))
             offset += n_text
-            if unit is not None:
-                pieces.append(unit.unique.to(text_embeds.dtype))
-                maps.append(unit.mapping.to(self.device) + offset)
-                vis_un.append(torch.ones(unit.kept, dtype=torch.bool))
-                vis_full.append(torch.ones(unit.num_positions, dtype=torch.bool))
-                offset += unit.kept
+            if where is not None:
+                unit, run = units[where[0]], layouts[where[0]][where[1]]
+                pieces.append(unit.unique[run.entries.to(unit.unique.device)].to(text_embeds.dtype))
+                maps.append(entry_index[where[0]][unit.mapping.cpu()[run.positions]].to(self.device))
+                vis_un.append(torch.ones(run.entries.numel(), dtype=torch.bool))
+                vis_full.append(torch.ones(run.positions.numel(), dtype=torch.bool))
+                offset += run.entries.numel()
             start = slot + 1
         embeds = torch.cat(pieces)
         mapping = torch.cat(maps)
@@ -229,8 +272,9 @@ class Assembler:
             prompt_tokens_kept=int(embeds.shape[0]),
         )
         dev = self.device
-        positions = self._llm_positions(len(ids), slots, units, embeds.shape[0])
-        rope = self._rope_positions(len(ids), slots, units) if adapter.uses_mrope else None
+        placed = [(units[i], layouts[i][r]) for i, r in slot_runs]
+        positions = self._llm_positions(len(ids), slots, placed, embeds.shape[0])
+        rope = self._rope_positions(len(ids), slots, placed) if adapter.uses_mrope else None
         return Spliced(
             embeds, mapping, account, torch.cat(vis_un).to(dev), torch.cat(vis_full).to(dev), positions.to(dev),
             None if rope is None else rope.to(dev), self._deepstack(units, embeds),
@@ -248,34 +292,37 @@ class Assembler:
             return embeds.new_zeros(levels, 0, embeds.shape[-1])
         return torch.cat([u.deepstack.to(embeds.device, embeds.dtype) for u in units], dim=1)
 
-    def _llm_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens], length: int) -> torch.Tensor:
+    def _llm_positions(self, num_ids: int, slots: list[int], placed: list[tuple[UnitTokens, Run]],
+                       length: int) -> torch.Tensor:  # fmt: skip
         """Position ids of the LLM input without VTU: the stock sequence's own positions for methods that
         keep them (pruning), else contiguous (merging ablations, DyCoke's TTM)."""
-        if not self.method.keeps_positions or any(u.kept != u.num_positions for u in units):
+        if not self.method.keeps_positions or any(u.kept != u.num_positions for u, _ in placed):
             return torch.arange(length)
         pieces, stock, start = [], 0, 0
-        for slot, unit in zip([*slots, num_ids], [*units, None], strict=True):
+        for slot, where in zip([*slots, num_ids], [*placed, None], strict=True):
             pieces.append(torch.arange(stock, stock + slot - start))
             stock += slot - start
-            if unit is not None:
-                pieces.append(stock + unit.positions.cpu())
-                stock += unit.original
+            if where is not None:
+                unit, run = where
+                pieces.append(stock + unit.positions.cpu()[run.positions] - run.first)
+                stock += run.length
             start = slot + 1
         return torch.cat(pieces)
 
-    def _rope_positions(self, num_ids: int, slots: list[int], units: list[UnitTokens]) -> torch.Tensor:
+    def _rope_positions(self, num_ids: int, slots: list[int], placed: list[tuple[UnitTokens, Run]]) -> torch.Tensor:
         """(3, L_full): M-RoPE positions as the stock model counts them (text one step at a time on all
-        three rows, a unit at its stock 3-D positions, the text after it moved on by its span), each
-        kept visual entry at its own stock position (a merged entry at its first position's)."""
+        three rows, a unit (or each run of it) at its stock 3-D positions, the text after it moved on by its
+        span), each kept visual entry at its own stock position (a merged entry at its first position's)."""
         pieces, current, start = [], 0, 0
-        for slot, unit in zip([*slots, num_ids], [*units, None], strict=True):
+        for slot, where in zip([*slots, num_ids], [*placed, None], strict=True):
             text = slot - start
             pieces.append(torch.arange(current, current + text).expand(3, -1))
             current += text
-            if unit is not None:
+            if where is not None:
+                unit, run = where
                 if unit.rope is None:
                     raise TokcompError("an M-RoPE model's visual unit has no stock 3-D positions")
-                pieces.append(current + unit.rope[:, unit.positions.cpu()])
+                pieces.append(current + unit.rope[:, unit.positions.cpu()[run.positions]])
                 current += unit.rope_span
             start = slot + 1
         return torch.cat(pieces, dim=1)

@@ -108,6 +108,8 @@ class Pipeline(Assembler):
         """The request's prompt in the chat template, one placeholder per image/video, as token ids."""
         adapter = self.adapter
         prompt = adapter.build_prompt(request.prompt, len(request.images), bool(request.video))
+        if request.video:
+            prompt = adapter.video_prompt(prompt, len(request.video))
         return adapter.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
     def select(
@@ -265,7 +267,7 @@ class Pipeline(Assembler):
         for b, ids in enumerate(steps):  # a request that ended early holds only the tokens fed before its EOS
             final_valid[b, mask.shape[1] + max(0, len(ids) - 1) :] = False
         visual = batch.visual_full if use_vtu else batch.visual_unique
-        kv = _kv_bytes_per_layer(cache, final_valid.bool(), hooks)
+        kv = _kv_bytes_per_layer(cache, final_valid.bool(), hooks, final_valid[:, mask.shape[1] :].bool())
         return _RunResult(steps, out.logits[0].float(), call.timings_ms["prefill"] / 1000, kv,
                           _decode_attended(hooks, visual))  # fmt: skip
 
@@ -279,8 +281,12 @@ class _RunResult:
     attended: list[float]
 
 
-def _kv_bytes_per_layer(cache: DynamicCache, valid: torch.Tensor, hooks: list) -> list[list[int]]:
-    """Bytes of K and V each request holds in each layer's cache (padding and evicted slots not counted)."""
+def _kv_bytes_per_layer(
+    cache: DynamicCache, valid: torch.Tensor, hooks: list, decoded: torch.Tensor | None = None
+) -> list[list[int]]:
+    """Bytes of K and V each request holds in each layer's cache (padding and evicted slots not counted;
+    ``decoded``: which of the decode steps' slots each request filled before its EOS, also where a hook
+    changed a layer's slots)."""
     totals = [[0] * len(cache.layers) for _ in range(valid.shape[0])]
     for index, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
@@ -291,6 +297,9 @@ def _kv_bytes_per_layer(cache: DynamicCache, valid: torch.Tensor, hooks: list) -
         for hook in hooks:
             if (override := hook.valid_columns(index, keys.shape[-2])) is not None:
                 columns = override
+                steps = decoded.shape[1] if decoded is not None else 0
+                if steps and columns.shape[1] >= steps:  # a request that ended early fills no later slots
+                    columns = torch.cat([columns[:, :-steps], columns[:, -steps:] & decoded.to(columns.device)], 1)
         for b, count in enumerate(columns.sum(dim=1).tolist()):
             totals[b][index] = int(count) * per_column
     return totals

@@ -62,29 +62,41 @@ class _Call:
 
 
 def collapse_placeholders(
-    ids: torch.Tensor, image_counts: list[int], video_counts: list[int], image_id: int, video_id: int | None
+    ids: torch.Tensor, image_counts: list[int], video_counts: list[int], image_id: int, video_id: int | None,
+    video_runs: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Ids with each unit's run of stock placeholder tokens cut to one placeholder, and the units' kinds
-    in order; ``image_counts``/``video_counts`` give each unit's stock token count, in order."""
+    in order; ``image_counts``/``video_counts`` give each unit's stock token count, in order, and
+    ``video_runs`` in how many equal runs a video's tokens come (Qwen3-VL: one per frame group, with text
+    between them; each run becomes one placeholder)."""
     out, kinds, i = [], [], 0
     images, videos = list(image_counts), list(video_counts)
+    runs = list(video_runs) if video_runs is not None else [1] * len(videos)
     values = ids.tolist()
+    left, per_run = 0, 0  # runs of the current video still to come, and tokens per run
     while i < len(values):
         token = values[i]
         if token == image_id or (video_id is not None and token == video_id):
-            kind, pending = ("image", images) if token == image_id else ("video", videos)
-            if not pending:
-                raise TokcompError(f"the input ids hold more {kind} tokens than the {kind}s given")
-            count = pending.pop(0)
+            kind = "image" if token == image_id else "video"
+            if kind == "video" and left:
+                count, left = per_run, left - 1
+            else:
+                pending = images if kind == "image" else videos
+                if not pending:
+                    raise TokcompError(f"the input ids hold more {kind} tokens than the {kind}s given")
+                count = pending.pop(0)
+                if kind == "video":
+                    parts = runs.pop(0)
+                    count, left, per_run = count // parts, parts - 1, count // parts
+                kinds.append(kind)
             if values[i : i + count] != [token] * count:
                 raise TokcompError(f"an {kind} needs {count} consecutive {kind} tokens in the input ids")
             out.append(token)
-            kinds.append(kind)
             i += count
         else:
             out.append(token)
             i += 1
-    if images or videos:
+    if images or videos or left:
         raise TokcompError("the input ids hold fewer image/video tokens than the images and videos given")
     return torch.tensor(out, dtype=ids.dtype), kinds
 
@@ -114,7 +126,8 @@ class StockBridge:
         collapsed, kinds = [], []
         for ids, (images, videos) in zip(rows, units, strict=True):
             row_ids, row_kinds = collapse_placeholders(
-                ids, [n for _, n in images], [n for _, n in videos], adapter.image_token_id, adapter.video_token_id
+                ids, [n for _, n in images], [n for _, n in videos], adapter.image_token_id, adapter.video_token_id,
+                [adapter.placeholder_runs("video", u.grid_thw[0] if u.grid_thw else 0) for u, _ in videos],
             )
             collapsed.append(row_ids)
             kinds.append(row_kinds)

@@ -189,6 +189,15 @@ class VLMAdapter:
         """A prompt that places its own ``<image>``/``<video>`` tags, in the family's own words for them."""
         return prompt
 
+    def video_prompt(self, prompt: str, num_frames: int) -> str:
+        """A rendered prompt with its video placeholder written as the family's stock processor writes it
+        before expanding it (Qwen3-VL: one timestamped run per frame group); most families: as it is."""
+        return prompt
+
+    def placeholder_runs(self, kind: str, frames: int) -> int:
+        """How many placeholders of the prompt one unit takes (Qwen3-VL: one per frame group of a video)."""
+        return 1
+
     def _apply_template(self, messages: list[dict], template: str) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, chat_template=template

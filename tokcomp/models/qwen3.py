@@ -11,20 +11,20 @@ In-encoder merging (DToMe, ToMe) runs on whole 2x2 merge units as on Qwen2.5-VL
 (``tokcomp.models.qwen_merging``), here in every block (no windows) and with each DeepStack tap's output
 copied back to the units like the merger's; a merged token's DeepStack features are its units' mean.
 
-Video is not supported yet: the stock processor writes every frame group as its own run between a
-timestamp and the vision markers, which tokcomp's one-run-per-unit splice does not take.
+Video: the stock processor writes every frame group (two frames, one temporal patch) as its own run of
+tokens after its timestamp (``<0.2 seconds><|vision_start|>...<|vision_end|><1.2 seconds>...``), and the
+stock positions place each group as a one-frame image from its run's start. A video is still one unit to
+the methods (its frames in order, as on Qwen2.5-VL); the prompt holds one placeholder per frame group
+(``video_prompt``) and the splice puts each group's kept tokens in its own run (``placeholder_runs``).
 """
 
 from __future__ import annotations
 
 import torch
-from PIL import Image
 
 from tokcomp.errors import TokcompError
-from tokcomp.models.qwen import Qwen2_5_VLAdapter
+from tokcomp.models.qwen import DEFAULT_SECONDS_PER_GRID, Qwen2_5_VLAdapter
 from tokcomp.models.visual import identity_tokens, tokens_from_copies
-
-VIDEO_UNSUPPORTED = "video input is not supported on the Qwen3-VL family yet (images are)"
 
 
 def entry_means(values: torch.Tensor, mapping: torch.Tensor, entries: int) -> torch.Tensor:
@@ -47,39 +47,71 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     def deepstack_levels(self) -> int:
         return len(self.vision_config.deepstack_visual_indexes)
 
-    def prepare_units(self, images: list[Image.Image], video: list[Image.Image] | None) -> list:
-        if video:
-            raise TokcompError(f"{self.name}: {VIDEO_UNSUPPORTED}")
-        return super().prepare_units(images, None)
+    # --- video: one run of tokens per frame group, each after its timestamp ------------------------
+    def placeholder_runs(self, kind: str, frames: int) -> int:
+        return frames if kind == "video" else 1
+
+    def frame_timestamps(self, num_frames: int, seconds_per_grid: float = DEFAULT_SECONDS_PER_GRID) -> list[float]:
+        """Seconds of each frame group, as the stock processor computes them: the mean time of its first and
+        last frame (an odd last frame repeated), frames sampled evenly at ``temporal / seconds_per_grid`` fps."""
+        temporal = int(self.vision_config.temporal_patch_size)
+        indices = list(range(num_frames))
+        indices += [indices[-1]] * (-len(indices) % temporal)
+        fps = temporal / seconds_per_grid
+        return [(indices[i] / fps + indices[i + temporal - 1] / fps) / 2 for i in range(0, len(indices), temporal)]
+
+    def video_prompt(self, prompt: str, num_frames: int) -> str:
+        """The video's vision markers written once per frame group after its timestamp, as the stock
+        processor writes them (``<0.2 seconds><|vision_start|><|video_pad|><|vision_end|>...``)."""
+        video = self.tokenizer.convert_ids_to_tokens(self.video_token_id)
+        once = f"<|vision_start|>{video}<|vision_end|>"  # as the chat templates write a video (``inline_tags``)
+        if prompt.count(once) != 1:
+            raise TokcompError(f"{self.name}: the prompt should hold the video once as {once}")
+        runs = "".join(f"<{t:.1f} seconds>{once}" for t in self.frame_timestamps(num_frames))
+        return prompt.replace(once, runs)
+
+    def unit_rope(self, unit) -> tuple[torch.Tensor, int]:
+        """A video's frame groups each at the positions of a one-frame image from its own run's start (the
+        stock ``get_rope_index`` splits the video grid per frame group); images as on Qwen2.5-VL."""
+        if unit.kind != "video":
+            return super().unit_rope(unit)
+        t, h, w = unit.grid_thw
+        m = self.merge_size
+        one = self.model.model.get_vision_position_ids(0, torch.tensor([1, h, w]), 1, m)
+        return one.repeat(1, t), max(h, w) // m
 
     def stock_unit_tokens(self, units: list) -> list:
-        """Each image's merger outputs with the DeepStack features of every token, as the stock model
-        computes them (one tower run over the request's images). Under in-encoder merging a merged token's
-        DeepStack features are the mean of its units' (``tokcomp.models.qwen_merging`` copies every tap's
-        output back to each unit, as it does the merger's)."""
-        if not units:
-            return []
-        if any(u.kind == "video" for u in units):
-            raise TokcompError(f"{self.name}: {VIDEO_UNSUPPORTED}")
-        rows = torch.cat([u.views for u in units])
-        grids = torch.tensor([u.grid_thw for u in units])
-        out = self.model.model.get_image_features(pixel_values=rows, image_grid_thw=grids)
-        record = self.merging.last if self.merging is not None else None
-        result, first_unit = [], 0
-        for i, (unit, features) in enumerate(zip(units, out.pooler_output, strict=True)):
-            deepstack = torch.stack([level[i] for level in out.deepstack_features])  # (levels, N, H)
-            if record is None:
-                tokens = identity_tokens(features, [unit.views.shape[0]] * self.num_layers)
-            else:  # ``features`` holds each unit's merged token, copied (one merge segment per image)
-                counts = [self.merge_size**2 * c for c in record.layer_counts[i]]
-                owner = record.token_of_unit[first_unit : first_unit + features.shape[0]]
-                tokens = tokens_from_copies(features, owner, record.tokens, counts, trailing=0)
-                first_unit += features.shape[0]
-            tokens.deepstack = entry_means(deepstack, tokens.mapping.to(deepstack.device), tokens.kept)
-            result.append(self._placed(unit, tokens))
-        return result
-
-    def units_from_inputs(self, rows: list[torch.Tensor], inputs: dict) -> list[tuple[list, list]]:
-        if inputs.get("pixel_values_videos") is not None or any(bool((r == self.video_token_id).any()) for r in rows):
-            raise TokcompError(f"{self.name}: {VIDEO_UNSUPPORTED}")
-        return super().units_from_inputs(rows, inputs)
+        """Each image's (or video's) merger outputs with the DeepStack features of every token, as the stock
+        model computes them (one tower run over the request's images, one over its video). Under in-encoder
+        merging a merged token's DeepStack features are the mean of its units' (``tokcomp.models.qwen_merging``
+        copies every tap's output back to each unit, as it does the merger's)."""
+        model = self.model.model
+        result: dict[int, object] = {}
+        for kind in ("image", "video"):
+            mine = [(i, u) for i, u in enumerate(units) if u.kind == kind]
+            if not mine:
+                continue
+            rows = torch.cat([u.views for _, u in mine])
+            grids = torch.tensor([u.grid_thw for _, u in mine])
+            if kind == "image":
+                out = model.get_image_features(pixel_values=rows, image_grid_thw=grids)
+            else:
+                out = model.get_video_features(pixel_values_videos=rows, video_grid_thw=grids)
+            record = self.merging.last if self.merging is not None else None
+            segment = first_unit = 0
+            for k, ((i, unit), features) in enumerate(zip(mine, out.pooler_output, strict=True)):
+                frames = unit.grid_thw[0] if kind == "video" else 0
+                deepstack = torch.stack([level[k] for level in out.deepstack_features])  # (levels, N, H)
+                if record is None:
+                    tokens = identity_tokens(features, [unit.views.shape[0]] * self.num_layers, num_frames=frames,
+                                             views=max(1, frames), trailing=0)  # fmt: skip
+                else:  # ``features`` holds each unit's merged token, copied (one merge segment per frame group)
+                    slices = record.layer_counts[segment : segment + unit.grid_thw[0]]
+                    counts = [self.merge_size**2 * sum(c) for c in zip(*slices, strict=True)]
+                    owner = record.token_of_unit[first_unit : first_unit + features.shape[0]]
+                    tokens = tokens_from_copies(features, owner, record.tokens, counts, num_frames=frames,
+                                                views=max(1, frames), trailing=0)  # fmt: skip
+                    segment, first_unit = segment + unit.grid_thw[0], first_unit + features.shape[0]
+                tokens.deepstack = entry_means(deepstack, tokens.mapping.to(deepstack.device), tokens.kept)
+                result[i] = self._placed(unit, tokens)
+        return [result[i] for i in range(len(units))]
