@@ -73,6 +73,26 @@ def _stock_visual_rows(qwen3, inputs):
     return features, deep
 
 
+def _plain_then_compressed(qwen3, inputs, method):
+    """Stock generate, then with ``method``: the position ids of the plain run's decode steps, those of
+    every LLM call of the compressed run, and the bridge's record of that run."""
+    model = qwen3.model
+    positions = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: positions.append(kw["position_ids"].clone()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, **GEN)
+        plain_steps, positions[:] = positions[1:], []
+        with torch.no_grad(), method(qwen3):
+            bridge = qwen3.bridge
+            model.generate(**inputs, **GEN)
+            return plain_steps, positions, bridge.last_call
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("name", ["random-25", "divprune-25", "adaptive-20"])
 def test_pruned_tokens_keep_their_positions_and_their_own_deepstack_features(qwen3, batch, name, monkeypatch):
     _, inputs = batch
@@ -81,30 +101,16 @@ def test_pruned_tokens_keep_their_positions_and_their_own_deepstack_features(qwe
         inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
         attention_mask=inputs["attention_mask"],
     )  # fmt: skip
-    added, positions = [], []
+    added = []
     original = tokcomp.stock.add_deepstack
 
     def spy(language_model, visual, features, cut=None):
         added.append(features.clone())
         return original(language_model, visual, features, cut)
 
-    def capture(module, args, kwargs):
-        positions.append(kwargs["position_ids"].clone())
-
     monkeypatch.setattr(tokcomp.stock, "add_deepstack", spy)
-    handle = model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
     method = tokcomp.method(name)
-    try:
-        with torch.no_grad():
-            model.generate(**inputs, **GEN)
-        plain_steps = positions[1:]
-        positions.clear()
-        with torch.no_grad(), method(qwen3):
-            bridge = qwen3.bridge
-            model.generate(**inputs, **GEN)
-            call = bridge.last_call
-    finally:
-        handle.remove()
+    plain_steps, positions, call = _plain_then_compressed(qwen3, inputs, method)
     assert len(added) == 1 and any(a.visual_kept < a.visual_full for a in method.accounts)
     features, deep = _stock_visual_rows(qwen3, inputs)
     entry = 0
@@ -187,21 +193,8 @@ def test_pruned_video_tokens_keep_their_stock_positions_and_decoding_continues_a
         inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
         video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"],
     )  # fmt: skip
-    positions = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: positions.append(kw["position_ids"].clone()), with_kwargs=True
-    )
     method = tokcomp.method(name)
-    try:
-        with torch.no_grad():
-            model.generate(**inputs, **GEN)
-        plain_steps, positions[:] = positions[1:], []
-        with torch.no_grad(), method(qwen3):
-            bridge = qwen3.bridge
-            model.generate(**inputs, **GEN)
-            call = bridge.last_call
-    finally:
-        handle.remove()
+    plain_steps, positions, call = _plain_then_compressed(qwen3, inputs, method)
     with torch.no_grad():
         stock_video = torch.cat(model.model.get_video_features(inputs["pixel_values_videos"],
                                                                inputs["video_grid_thw"]).pooler_output)  # fmt: skip

@@ -181,6 +181,8 @@ class Qwen2_5_VLAdapter(VLMAdapter):
         return t * h * w // self.merge_size**2
 
     def stock_unit_tokens(self, units: list) -> list:
+        """Each unit's merger outputs as the stock model computes them (one tower run over the request's
+        images, one over its video); under in-encoder merging the merged tokens with their map."""
         model = self.model.model
         result: dict[int, object] = {}
         for kind in ("image", "video"):
@@ -190,12 +192,12 @@ class Qwen2_5_VLAdapter(VLMAdapter):
             rows = torch.cat([u.views for _, u in mine])
             grids = torch.tensor([u.grid_thw for _, u in mine])
             if kind == "image":
-                features = model.get_image_features(pixel_values=rows, image_grid_thw=grids).pooler_output
+                out = model.get_image_features(pixel_values=rows, image_grid_thw=grids)
             else:
-                features = model.get_video_features(pixel_values_videos=rows, video_grid_thw=grids).pooler_output
+                out = model.get_video_features(pixel_values_videos=rows, video_grid_thw=grids)
             record = self.merging.last if self.merging is not None else None
             segment = unit_start = 0
-            for (i, u), f in zip(mine, features, strict=True):
+            for k, ((i, u), f) in enumerate(zip(mine, out.pooler_output, strict=True)):
                 frames = u.grid_thw[0] if kind == "video" else 0
                 if record is None:
                     counts = [u.views.shape[0]] * self.num_layers
@@ -207,8 +209,12 @@ class Qwen2_5_VLAdapter(VLMAdapter):
                     tokens = tokens_from_copies(f, owner, record.tokens, counts, num_frames=frames,
                                                 views=max(1, frames), trailing=0)  # fmt: skip
                     segment, unit_start = segment + u.grid_thw[0], unit_start + f.shape[0]
+                self._add_encoder_extras(tokens, out, k)
                 result[i] = self._placed(u, tokens)
         return [result[i] for i in range(len(units))]
+
+    def _add_encoder_extras(self, tokens, out, index: int) -> None:
+        """What else the tower's output gives unit ``index`` of its run (Qwen3-VL: DeepStack features)."""
 
     def encode_order(self, units: list) -> list[int]:
         return sorted(range(len(units)), key=lambda i: units[i].kind != "image")

@@ -24,7 +24,6 @@ import torch
 
 from tokcomp.errors import TokcompError
 from tokcomp.models.qwen import DEFAULT_SECONDS_PER_GRID, Qwen2_5_VLAdapter
-from tokcomp.models.visual import identity_tokens, tokens_from_copies
 
 
 def entry_means(values: torch.Tensor, mapping: torch.Tensor, entries: int) -> torch.Tensor:
@@ -80,38 +79,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         one = self.model.model.get_vision_position_ids(0, torch.tensor([1, h, w]), 1, m)
         return one.repeat(1, t), max(h, w) // m
 
-    def stock_unit_tokens(self, units: list) -> list:
-        """Each image's (or video's) merger outputs with the DeepStack features of every token, as the stock
-        model computes them (one tower run over the request's images, one over its video). Under in-encoder
-        merging a merged token's DeepStack features are the mean of its units' (``tokcomp.models.qwen_merging``
+    def _add_encoder_extras(self, tokens, out, index: int) -> None:
+        """The unit's DeepStack features per unique token, as the stock model computes them; under
+        in-encoder merging a merged token's are the mean of its units' (``tokcomp.models.qwen_merging``
         copies every tap's output back to each unit, as it does the merger's)."""
-        model = self.model.model
-        result: dict[int, object] = {}
-        for kind in ("image", "video"):
-            mine = [(i, u) for i, u in enumerate(units) if u.kind == kind]
-            if not mine:
-                continue
-            rows = torch.cat([u.views for _, u in mine])
-            grids = torch.tensor([u.grid_thw for _, u in mine])
-            if kind == "image":
-                out = model.get_image_features(pixel_values=rows, image_grid_thw=grids)
-            else:
-                out = model.get_video_features(pixel_values_videos=rows, video_grid_thw=grids)
-            record = self.merging.last if self.merging is not None else None
-            segment = first_unit = 0
-            for k, ((i, unit), features) in enumerate(zip(mine, out.pooler_output, strict=True)):
-                frames = unit.grid_thw[0] if kind == "video" else 0
-                deepstack = torch.stack([level[k] for level in out.deepstack_features])  # (levels, N, H)
-                if record is None:
-                    tokens = identity_tokens(features, [unit.views.shape[0]] * self.num_layers, num_frames=frames,
-                                             views=max(1, frames), trailing=0)  # fmt: skip
-                else:  # ``features`` holds each unit's merged token, copied (one merge segment per frame group)
-                    slices = record.layer_counts[segment : segment + unit.grid_thw[0]]
-                    counts = [self.merge_size**2 * sum(c) for c in zip(*slices, strict=True)]
-                    owner = record.token_of_unit[first_unit : first_unit + features.shape[0]]
-                    tokens = tokens_from_copies(features, owner, record.tokens, counts, num_frames=frames,
-                                                views=max(1, frames), trailing=0)  # fmt: skip
-                    segment, first_unit = segment + unit.grid_thw[0], first_unit + features.shape[0]
-                tokens.deepstack = entry_means(deepstack, tokens.mapping.to(deepstack.device), tokens.kept)
-                result[i] = self._placed(unit, tokens)
-        return [result[i] for i in range(len(units))]
+        deepstack = torch.stack([level[index] for level in out.deepstack_features])  # (levels, N, H)
+        tokens.deepstack = entry_means(deepstack, tokens.mapping.to(deepstack.device), tokens.kept)
