@@ -16,6 +16,7 @@ def _private_cache(tmp_path_factory):
     previous = os.environ.get("TOKCOMP_HOME")
     os.environ["TOKCOMP_HOME"] = str(root)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # no hub at run time: `datasets` should not wait for one
     yield root
     if previous is None:
         os.environ.pop("TOKCOMP_HOME", None)
