@@ -267,7 +267,7 @@ class Pipeline(Assembler):
         for b, ids in enumerate(steps):  # a request that ended early holds only the tokens fed before its EOS
             final_valid[b, mask.shape[1] + max(0, len(ids) - 1) :] = False
         visual = batch.visual_full if use_vtu else batch.visual_unique
-        kv = _kv_bytes_per_layer(cache, final_valid.bool(), hooks, final_valid[:, mask.shape[1] :].bool())
+        kv = _kv_bytes_per_layer(cache, final_valid.bool(), hooks, final_valid.shape[1] - mask.shape[1])
         return _RunResult(steps, out.logits[0].float(), call.timings_ms["prefill"] / 1000, kv,
                           _decode_attended(hooks, visual))  # fmt: skip
 
@@ -281,12 +281,10 @@ class _RunResult:
     attended: list[float]
 
 
-def _kv_bytes_per_layer(
-    cache: DynamicCache, valid: torch.Tensor, hooks: list, decoded: torch.Tensor | None = None
-) -> list[list[int]]:
-    """Bytes of K and V each request holds in each layer's cache (padding and evicted slots not counted;
-    ``decoded``: which of the decode steps' slots each request filled before its EOS, also where a hook
-    changed a layer's slots)."""
+def _kv_bytes_per_layer(cache: DynamicCache, valid: torch.Tensor, hooks: list, steps: int = 0) -> list[list[int]]:
+    """Bytes of K and V each request holds in each layer's cache (padding and evicted slots not counted).
+    ``valid``'s last ``steps`` columns are the decode steps' slots each request filled before its EOS; they
+    hold where a hook changed a layer's slots too."""
     totals = [[0] * len(cache.layers) for _ in range(valid.shape[0])]
     for index, layer in enumerate(cache.layers):
         keys = getattr(layer, "keys", None)
@@ -297,9 +295,9 @@ def _kv_bytes_per_layer(
         for hook in hooks:
             if (override := hook.valid_columns(index, keys.shape[-2])) is not None:
                 columns = override
-                steps = decoded.shape[1] if decoded is not None else 0
                 if steps and columns.shape[1] >= steps:  # a request that ended early fills no later slots
-                    columns = torch.cat([columns[:, :-steps], columns[:, -steps:] & decoded.to(columns.device)], 1)
+                    decoded = valid[:, -steps:].to(columns.device)
+                    columns = torch.cat([columns[:, :-steps], columns[:, -steps:] & decoded], 1)
         for b, count in enumerate(columns.sum(dim=1).tolist()):
             totals[b][index] = int(count) * per_column
     return totals

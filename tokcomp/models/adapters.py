@@ -243,12 +243,17 @@ class VLMAdapter:
         tokens.provenance = self.provenance(unit).to(tokens.mapping.device)
         return tokens
 
+    def traced_views(self, unit) -> int:
+        """How many views of the encoder trace a unit takes (an encoder view each: AnyRes crops, frames)."""
+        return unit.views.shape[0]
+
     def add_trace(self, units: list, tokens: list, views: list[TraceView], stock: bool) -> None:
         """Each unit's ``trace`` (and ``trace_keys``) per position from the traced views of its encode:
         ``stock_unit_tokens`` (views in ``encode_order``) or one merged encode (views in unit order)."""
         cursor = 0
         for i in self.encode_order(units) if stock else range(len(units)):
-            mine, cursor = views[cursor : cursor + units[i].views.shape[0]], cursor + units[i].views.shape[0]
+            count = self.traced_views(units[i])
+            mine, cursor = views[cursor : cursor + count], cursor + count
             values = torch.stack([torch.cat([v.scores[:, None], *([v.keys] if v.keys is not None else [])], 1)
                                   for v in mine])  # fmt: skip
             laid = self.layout(units[i], values, torch.full(values.shape[-1:], float("nan"), device=values.device))

@@ -253,19 +253,13 @@ class Qwen2_5_VLAdapter(VLMAdapter):
                                "supported")  # fmt: skip
         return attach_qwen_trace(self.vision_model, spec)
 
-    def add_trace(self, units, tokens, views, stock):
-        """Each unit's trace per LLM token: its traced views (one per image, one per temporal slice of a
-        video) are already merge units in raster order, the unit's own token order."""
-        cursor = 0
-        for i in self.encode_order(units) if stock else range(len(units)):
-            count = units[i].grid_thw[0] if units[i].kind == "video" else 1
-            mine, cursor = views[cursor : cursor + count], cursor + count
-            device = tokens[i].mapping.device
-            tokens[i].trace = torch.cat([v.scores for v in mine]).to(device)
-            if mine and mine[0].keys is not None:
-                tokens[i].trace_keys = torch.cat([v.keys for v in mine]).to(device)
-        if cursor != len(views):
-            raise RuntimeError(f"the encoder trace saw {len(views)} views; the units have {cursor}")
+    def traced_views(self, unit) -> int:
+        """One traced view per image, one per temporal slice of a video (the tower's segments)."""
+        return unit.grid_thw[0] if unit.kind == "video" else 1
+
+    def layout(self, unit, values, fill):
+        """Traced views (V, P, C) are already merge units in raster order, the unit's own token order."""
+        return values.flatten(0, 1)
 
     def units_from_inputs(self, rows: list[torch.Tensor], inputs: dict) -> list[tuple[list, list]]:
         """Images in order of ``image_grid_thw`` (their rows of ``pixel_values`` in turn), videos in order

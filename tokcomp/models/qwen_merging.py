@@ -36,6 +36,7 @@ from torch import nn
 
 from tokcomp.methods import merge as M
 from tokcomp.methods.dtome import MergeRule, detach
+from tokcomp.models.qwen_tower import rotated_qkv, window_order, windowed
 
 
 @dataclass
@@ -86,17 +87,10 @@ class QwenMergeState:
 
     def start(self, rows: int, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Segments (full attention) and windows of the stock packing, from the tower's own helpers."""
-        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_window_index
+        from transformers.vision_utils import get_vision_attention_seqlens
 
-        tower = self.tower
-        cu_full, _ = get_vision_attention_seqlens(self.grid_thw, tower.config)
-        if windowed(tower):
-            self.window_index, cu_window = get_vision_window_index(
-                self.grid_thw, spatial_merge_size=tower.spatial_merge_size, window_size=tower.window_size,
-                patch_size=tower.patch_size,
-            )  # fmt: skip
-        else:  # Qwen3-VL: every block attends to whole segments, rows in raster order
-            self.window_index, cu_window = torch.arange(rows // self.unit), cu_full
+        cu_full, _ = get_vision_attention_seqlens(self.grid_thw, self.tower.config)
+        self.window_index, cu_window = window_order(self.tower, self.grid_thw)
         edges_full = torch.unique_consecutive(torch.as_tensor(cu_full).long().cpu() // self.unit)
         edges_window = torch.unique_consecutive(torch.as_tensor(cu_window).long().cpu() // self.unit)
         window = torch.bucketize(torch.arange(rows // self.unit), edges_window[1:], right=True)
@@ -197,19 +191,11 @@ class QwenMergeState:
         return merged[token]
 
 
-def windowed(tower: nn.Module) -> bool:
-    """Whether the tower has windowed blocks (Qwen2.5-VL) or attends to whole segments throughout (Qwen3-VL)."""
-    return hasattr(tower, "fullatt_block_indexes")
-
-
 def _sized_attention(attn: nn.Module, hidden: torch.Tensor, cu: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, log_sizes: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The block's attention over packed segments with the proportional bias log(size) on the keys."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
     n = hidden.shape[0]
-    q, k, v = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, v = rotated_qkv(attn, hidden, cos, sin)
     outs = []
     bounds = cu.tolist()
     for lo, hi in itertools.pairwise(bounds):

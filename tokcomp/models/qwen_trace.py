@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tokcomp.methods.trace import TraceSpec, TraceView
+from tokcomp.models.qwen_tower import rotated_qkv, window_order, windowed
 
 QUERY_CHUNK = 1024  # queries per softmax: bounds the (heads, chunk, segment) matrix of a large image
 
@@ -32,13 +33,7 @@ def rotated_query_key(
     """(heads, S, head_dim) queries and keys of a Qwen vision attention for packed rows ``hidden`` (S, D),
     after the 2-D rotary embedding, as its forward computes them (``qkv``: its fused projection of
     ``hidden``, if already computed)."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
-    rows = hidden.shape[0]
-    fused = qkv if qkv is not None and qkv.shape[0] == rows else attn.qkv(hidden)
-    q, k, _ = fused.reshape(rows, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, _ = rotated_qkv(attn, hidden, *position_embeddings, qkv)
     return q.transpose(0, 1), k.transpose(0, 1)
 
 
@@ -64,10 +59,7 @@ class QwenTrace:
     """The views traced since the last ``take`` (one per image or temporal slice, in tower order)."""
 
     spec: TraceSpec
-    merge_size: int
-    windowed: bool  # Qwen2.5-VL: rows are in window order inside the tower
-    window_size: int = 0
-    patch_size: int = 0
+    tower: nn.Module
     views: list[TraceView] = field(default_factory=list)
     seconds: float = 0.0  # time spent recomputing the traced attention (the method's own work), all forwards
     _grids: torch.Tensor | None = None
@@ -93,14 +85,11 @@ class QwenTrace:
             return
         scores, keys = self._rows
         self._rows = None
-        unit = self.merge_size**2
+        unit = int(self.tower.spatial_merge_size) ** 2
         values = torch.cat([scores[:, None], *([keys] if keys is not None else [])], dim=1)
         per_unit = values.view(-1, unit, values.shape[-1]).mean(dim=1)  # tower order
-        if self.windowed:
-            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
-
-            window_index, _ = get_vision_window_index(self._grids, self.merge_size, self.window_size,
-                                                      self.patch_size)  # fmt: skip
+        if windowed(self.tower):
+            window_index, _ = window_order(self.tower, self._grids)
             per_unit = per_unit[torch.argsort(window_index.to(per_unit.device))]
         cursor = 0
         for t, h, w in self._grids.tolist():
@@ -117,10 +106,7 @@ def attach_qwen_trace(tower: nn.Module, spec: TraceSpec) -> Iterator[QwenTrace]:
     blocks = tower.blocks
     if not 1 <= spec.layer <= len(blocks):
         raise ValueError(f"trace layer {spec.layer} is not in 1..{len(blocks)}")
-    config = tower.config
-    windowed = hasattr(config, "fullatt_block_indexes")
-    trace = QwenTrace(spec, int(config.spatial_merge_size), windowed, int(getattr(config, "window_size", 0) or 0),
-                      int(config.patch_size))  # fmt: skip
+    trace = QwenTrace(spec, tower)
 
     def before(module, args, kwargs):
         grids = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
