@@ -422,3 +422,150 @@ def test_the_query_loss_marks_the_question_words_that_name_the_lookup():
     assert all(v == [] for q, v in found.items() if q in ("read the text.", "what does the text say?"))
     match = next(q for q in found if q.startswith("do the "))
     assert found[match] == match.split()[2:5:2]  # "do the first and third images match?": first, third
+
+
+def _kind_of(task: str, question: str) -> str:
+    """The question type of a follow-up, from its wording (the generators' templates)."""
+    if task == "tc_multi":
+        return "which" if question.startswith("which") else "match" if "match" in question else "count"
+    if question.startswith("what color"):
+        return "color"
+    if question.startswith("what shape"):
+        return "shape"
+    return "count" if question.startswith("how many") else "position"
+
+
+@pytest.mark.parametrize("task", ["tc_shapes", "tc_multi"])
+def test_follow_up_questions_are_answered_right_and_leave_the_item_alone(task):
+    """Follow-ups are correct by the pixels, distinct, and drawn after the item (which stays the same)."""
+    from dataclasses import replace
+
+    asked = 0
+    for i in range(30):
+        plain, packed = make_item(task, "train", i), make_item(task, "train", i, follow_ups=4)
+        assert _fingerprint(plain) == _fingerprint(packed) and not plain.follow_ups
+        questions = [plain.question, *(q for q, _ in packed.follow_ups)]
+        assert len(set(questions)) == len(questions) and len(packed.follow_ups) <= 4
+        for question, answer in packed.follow_ups:
+            CHECKS[task](replace(packed, question=question, answer=answer, kind=_kind_of(task, question)))
+        asked += len(packed.follow_ups)
+    assert asked >= 60  # most scenes have room for several
+    assert all(not make_item(t, "train", 0, follow_ups=3).follow_ups for t in ("tc_text", "tc_motion"))
+
+
+def test_follow_up_turns_are_the_chat_template_of_a_longer_conversation():
+    from tokcomp.tiny.model import build_tokenizer
+    from tokcomp.tiny.train import turn_ids
+
+    tok = build_tokenizer()
+    first, reply, then = "what color is the square?", "red", "how many objects are there?"
+    conversation = [{"role": "user", "content": first}, {"role": "assistant", "content": reply},
+                    {"role": "user", "content": then}]  # fmt: skip
+
+    def ids(messages):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False).input_ids
+
+    expected = ids(conversation)
+    built = [*ids(conversation[:1]), *tok(reply, add_special_tokens=False).input_ids, tok.eos_token_id,
+             *turn_ids(tok, then).tolist()]  # fmt: skip
+    assert built == expected
+
+
+def test_the_answer_loss_covers_every_turn_at_its_own_positions():
+    """batch_loss with follow-ups is the cross-entropy of every answer token (and EOS) of the whole
+    conversation, spliced in one piece and run through the language model."""
+    import torch.nn.functional as F
+
+    from tokcomp.models.visual import identity_tokens
+    from tokcomp.pipeline import Pipeline
+    from tokcomp.tiny.model import TEST_SPEC, build_image_processor, build_model, build_tokenizer
+    from tokcomp.tiny.train import batch_loss, request_of, turn_ids
+
+    tok = build_tokenizer()
+    model = build_model(TEST_SPEC, tok).eval()
+    adapter = LlavaOnevisionAdapter(model, tok, build_image_processor(TEST_SPEC), "t")
+    item = make_item("tc_shapes", "train", 1, follow_ups=2)
+    assert len(item.follow_ups) == 2
+    pipe = Pipeline(adapter)
+    ids, answers = pipe.prompt_ids(request_of(item)).tolist(), []
+    for k, (question, reply) in enumerate([(item.question, item.answer), *item.follow_ups]):
+        if k:
+            ids += turn_ids(tok, question).tolist()
+        reply_ids = [*tok(reply, add_special_tokens=False).input_ids, tok.eos_token_id]
+        answers += list(range(len(ids), len(ids) + len(reply_ids)))
+        ids += reply_ids
+    with torch.no_grad():
+        units = adapter.prepare_units(list(item.images), None)
+        tokens = [identity_tokens(u.unique, []) for u in adapter.stock_unit_tokens(units)]
+        spliced = pipe.splice_ids(torch.tensor(ids), tokens, ["image"])
+        shift = spliced.embeds.shape[0] - len(ids)  # the image placeholder became the image's tokens
+        hidden = adapter.language_model(inputs_embeds=spliced.embeds[None]).last_hidden_state[0]
+        rows = torch.tensor(answers) + shift
+        expected = F.cross_entropy(adapter.lm_head(hidden[rows - 1]).float(), torch.tensor(ids)[rows - shift])
+        loss = batch_loss(adapter, [item])[0]
+    assert torch.allclose(loss, expected, atol=1e-5)
+    assert not torch.allclose(loss, batch_loss(adapter, [make_item("tc_shapes", "train", 1)])[0])
+
+
+def test_a_run_can_start_from_another_runs_encoder_with_a_fresh_language_model(tmp_path):
+    """--init-from takes the vision tower, projector and word embeddings, rescales the visual tokens to
+    --patch-rms, starts the language model afresh at the answer stage, and counts the source's time."""
+    from tokcomp.tiny.train import (
+        _encode_batch,
+        main,
+        rms,
+        seed_from_state,
+        state_dir_for,
+    )
+
+    common = ["--test-config", "--batch-scale", "0.25", "--threads", "1", "--eval-items", "0", "--log-every", "1",
+              "--curve-every", "0"]
+    assert main(["--out", str(tmp_path / "a"), *common, "--steps", "1", "--encoder-steps", "2"]) == 0
+    source = state_dir_for(tmp_path / "a") / "state.pt"
+    before = torch.load(source, weights_only=False)
+    layer = "model.language_model.layers.0.self_attn.q_proj.weight"
+    before["model"][layer] += 1.0  # a language model far from a fresh one
+    torch.save(before, source)
+    assert main(["--out", str(tmp_path / "b"), *common, "--steps", "2", "--init-from", str(source),
+                 "--patch-rms", "1.0", "--patch-cosine", "16", "--follow-ups", "2", "--save-minutes", "0.0001",
+                 "--stop-after-minutes", "0.0001"]) == 0  # fmt: skip
+    after = torch.load(state_dir_for(tmp_path / "b") / "state.pt", weights_only=False)
+    assert (after["stage"], after["step"]) == ("answer", 1)  # no encoder stage, one step then stopped
+    assert after["settings"]["init_from"]["from"] == "answer:1" and after["settings"]["follow_ups"] == 2
+    assert after["cpu_seconds"] > before["cpu_seconds"] and len(after["runs"]) == len(before["runs"]) + 1
+    tower = "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(after["model"][tower], before["model"][tower], atol=0.05)  # one small step from it
+    from tokcomp.tiny.model import TEST_SPEC, build_image_processor, build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    fresh = build_model(TEST_SPEC, tok).state_dict()[layer]
+    assert torch.allclose(after["model"][layer], fresh, atol=0.05)  # fresh, one small step from its start
+    model = build_model(TEST_SPEC, tok)
+    adapter = LlavaOnevisionAdapter(model, tok, build_image_processor(TEST_SPEC), "t")
+    seed_from_state(adapter, source, 0.5, log=lambda _: None)
+    assert torch.equal(model.state_dict()[tower], before["model"][tower])
+    units = [adapter.prepare_units(list(make_item("tc_shapes", "train", i).images), None) for i in range(12)]
+    with torch.no_grad():
+        ratio = rms(_encode_batch(adapter, units)[1]) / rms(model.get_input_embeddings().weight)
+    assert 0.4 < float(ratio) < 0.6
+    assert main(["--out", str(tmp_path / "c"), *common, "--init-from", str(tmp_path / "nothing.pt")]) == 2
+
+
+def test_a_task_held_out_by_task_start_joins_the_rotation_at_its_step(tmp_path, capsys):
+    """--task-start keeps a task out of the answer stage until its step, then it trains like the others."""
+    from tokcomp.tiny.train import TASK_WEIGHTS, main, rotation_at
+
+    late = {"tc_text": 5}
+    assert "tc_text" not in rotation_at(4, TASK_WEIGHTS, late)
+    assert sorted(rotation_at(5, TASK_WEIGHTS, late)) == sorted(rotation_at(0, TASK_WEIGHTS, {}))
+    common = ["--test-config", "--batch-scale", "0.25", "--threads", "1", "--eval-items", "0", "--curve-every", "0",
+              "--log-every", "1", "--encoder-steps", "1", "--task-weight", "tc_text=3"]  # fmt: skip
+    assert main(["--out", str(tmp_path / "ckpt"), *common, "--steps", "6", "--task-start", "tc_text=3"]) == 0
+    report = json.loads((tmp_path / "ckpt" / "training.json").read_text())
+    trained = {h["step"]: h["loss"] for h in report["loss_history"] if h["stage"] == "answer"}
+    assert not any("tc_text" in trained[step] for step in (1, 2, 3))  # history step k is answer step k - 1
+    assert any("tc_text" in trained[step] for step in (4, 5, 6)) and report["task_start"] == {"tc_text": 3}
+    everyone_late = [f"--task-start={task}=2" for task in TASK_WEIGHTS]
+    assert main(["--out", str(tmp_path / "none"), *common, "--steps", "2", *everyone_late]) == 2
+    assert "no task trains from answer step 0" in capsys.readouterr().err

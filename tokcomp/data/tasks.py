@@ -59,6 +59,9 @@ class Item:
     # Per answer word (then EOS), per image or frame, the patches that hold the answer's evidence
     # (training only: where the model should look to write that word; empty where nothing tells).
     evidence: list[list[np.ndarray]] = field(default_factory=list, repr=False)
+    # More (question, answer) turns about the same pictures, asked after the first answer in one
+    # conversation (training only: many lookups per encoded scene; the eval items have none).
+    follow_ups: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     @property
     def target(self) -> str:
@@ -270,7 +273,9 @@ KINDS = {
 }
 
 
-def make_shapes(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
+def make_shapes(
+    rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None, follow_ups: int = 0
+) -> Item:
     """Colour, shape, count or position of objects in a scene of 1-8 objects (1-2 at difficulty 0)."""
     kind = pick_kind(rng, KINDS["tc_shapes"], kind_weights)
     while True:
@@ -281,7 +286,27 @@ def make_shapes(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[
             item.labels = [object_labels(objects)]
             (labels,) = item.labels
             evidence = [object_mask(labels, o) for o in objects if _shapes_evidence(item, o)]
+            item.follow_ups = _more_questions(
+                rng, follow_ups, item.question,
+                lambda scene=objects: _shapes_question(rng, pick_kind(rng, KINDS["tc_shapes"], kind_weights), scene),
+            )  # fmt: skip
             return _with_eos(item, [[np.any(evidence, axis=0) if evidence else labels["shape"] > 0]])
+
+
+def _more_questions(
+    rng: random.Random, n: int, asked: str, draw: Callable[[], Item | None], tries: int = 4
+) -> list[tuple[str, str]]:
+    """Up to ``n`` more distinct (question, answer) pairs from ``draw`` (None: no question of that kind
+    fits the scene), none of them the question ``asked`` already."""
+    seen, out = {asked}, []
+    for _ in range(tries * n):
+        if len(out) == n:
+            break
+        item = draw()
+        if item is not None and item.question not in seen:
+            seen.add(item.question)
+            out.append((item.question, item.answer))
+    return out
 
 
 def _shapes_evidence(item: Item, o: Obj) -> bool:
@@ -322,7 +347,9 @@ def _shapes_question(rng: random.Random, kind: str, objects: list[Obj]) -> Item 
 
 
 # --- tc_text ---------------------------------------------------------------------------------
-def make_text(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
+def make_text(
+    rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None, follow_ups: int = 0
+) -> Item:
     """A 3-5 letter string in PIL's built-in font, one letter per cell of a row, on a flat or lightly
     textured background."""
     text = "".join(rng.choice(TEXT_ALPHABET) for _ in range(rng.randint(3, 5)))
@@ -346,7 +373,9 @@ def single_object_image(rng: random.Random, shape: str, color: str) -> tuple[Ima
     return draw_objects(background(rng), [obj]), object_labels([obj])
 
 
-def make_multi(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
+def make_multi(
+    rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None, follow_ups: int = 0
+) -> Item:
     """2-4 images of one object each (2 at difficulty 0): which image shows X, do two images match, how
     many show a shape."""
     n = rng.randint(2, _up_to(2, 4, difficulty))
@@ -383,6 +412,10 @@ def make_multi(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[s
     pictures = [single_object_image(rng, s, c) for s, c in chosen]
     item.images = [image for image, _ in pictures]
     item.labels = [labels for _, labels in pictures]
+    item.follow_ups = _more_questions(
+        rng, follow_ups, item.question, lambda: _multi_question(rng, pick_kind(rng, KINDS["tc_multi"], kind_weights),
+                                                                chosen),
+    )  # fmt: skip
     if kind == "which":
         relevant = [k == target for k in range(n)]
     elif kind == "match":
@@ -392,8 +425,29 @@ def make_multi(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[s
     return _with_eos(item, [[(lab["shape"] > 0) & rel for lab, rel in zip(item.labels, relevant, strict=True)]])
 
 
+def _multi_question(rng: random.Random, kind: str, chosen: list[tuple[str, str]]) -> Item | None:
+    """A question of ``kind`` about images showing the (shape, colour) pairs ``chosen`` (None: none fits)."""
+    n, ordinals = len(chosen), list(ORDINALS[: len(chosen)])
+    if kind == "which":
+        unique = [k for k, pair in enumerate(chosen) if chosen.count(pair) == 1]
+        if not unique:
+            return None
+        target = rng.choice(unique)
+        shape, color = chosen[target]
+        return Item("tc_multi", kind, f"which image shows a {color} {shape}?", ORDINALS[target], ordinals)
+    if kind == "match":
+        i, j = sorted(rng.sample(range(n), 2))
+        answer = "yes" if chosen[i] == chosen[j] else "no"
+        return Item("tc_multi", kind, f"do the {ORDINALS[i]} and {ORDINALS[j]} images match?", answer, ["yes", "no"])
+    shape = rng.choice(SHAPES)
+    count = sum(s == shape for s, _ in chosen)
+    return Item("tc_multi", kind, f"how many images show a {shape}?", NUMBERS[count], list(NUMBERS[: n + 1]))
+
+
 # --- tc_motion -------------------------------------------------------------------------------
-def make_motion(rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None) -> Item:
+def make_motion(
+    rng: random.Random, difficulty: float = 1.0, kind_weights: dict[str, float] | None = None, follow_ups: int = 0
+) -> Item:
     """An 8-16 frame clip: direction of motion, which object appears or disappears, order of events (with
     the fewest objects at difficulty 0)."""
     frames = rng.randint(8, 16)
@@ -455,7 +509,9 @@ def _lane_path(lane: Sequence[tuple[int, int]], frames: int) -> list[tuple[float
     return [(cell_centre(lane[k][0]), cell_centre(lane[k][1])) for k in steps]
 
 
-GENERATORS: dict[str, Callable[[random.Random, float, dict[str, float] | None], Item]] = {
+# (rng, difficulty, kind_weights, follow_ups) -> Item; tc_text and tc_motion ask no follow-ups (one
+# question fits a text or a clip).
+GENERATORS: dict[str, Callable[[random.Random, float, dict[str, float] | None, int], Item]] = {
     "tc_shapes": make_shapes,
     "tc_text": make_text,
     "tc_multi": make_multi,
@@ -470,13 +526,15 @@ def make_item(
     seed: int = 0,
     difficulty: float = 1.0,
     kind_weights: dict[str, float] | None = None,
+    follow_ups: int = 0,
 ) -> Item:
     """Item ``index`` of a task's split (deterministic); a ``difficulty`` below 1 draws fewer objects or
-    images from the same stream, ``kind_weights`` asks some question types more often (both for
-    training curricula only)."""
+    images from the same stream, ``kind_weights`` asks some question types more often and ``follow_ups``
+    adds up to that many more questions about the same pictures (all three for training only; the
+    follow-ups are drawn after everything else, so the item itself does not change)."""
     if task not in GENERATORS:
         raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
-    return GENERATORS[task](item_rng(task, split, seed, index), difficulty, kind_weights)
+    return GENERATORS[task](item_rng(task, split, seed, index), difficulty, kind_weights, follow_ups)
 
 
 def generate(task: str, split: str, n: int, seed: int = 0, start: int = 0) -> list[Item]:

@@ -39,6 +39,31 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
+def _stage_one(report: dict) -> str:
+    """How the encoder learnt to see: its own stage, or taken from an earlier run."""
+    what = ("to place each\n  patch near the word embeddings of what it shows (colour, shape, letter, its place in "
+            "the string,\n  count, which half of the picture)")  # fmt: skip
+    source = report.get("init_from")
+    if not source:
+        return f"{report['encoder_steps']} steps training the encoder and projector alone {what}."
+    scaled = source.get("projector_scaled_by")
+    rescale = (f" Its projector's output was then scaled by {scaled:g}, to {report['patch_rms']:g} times the word "
+               "embeddings' RMS: visual tokens far larger than the words leave the language model no room to "
+               "write into their positions." if scaled else "")  # fmt: skip
+    return (f"the vision tower, projector, image newline and word embeddings come from an earlier run\n"
+            f"  (state {source['state']}, sha256 {source['sha256']}, at {source['from']}), which trained them {what}\n"
+            f"  and then the whole model; its language model was discarded and this one started afresh.{rescale}"
+            f" Its time is counted below.")  # fmt: skip
+
+
+def _follow_ups(report: dict) -> str:
+    extra = report.get("follow_ups", 0)
+    if not extra:
+        return ""
+    return (f"; tc_shapes and tc_multi scenes are asked up to {extra} more questions in the same conversation, "
+            "every answer trained: many lookups per encoded scene")
+
+
 def write_model_card(report: dict, path: str | Path) -> Path:
     """The model card: what the model is, what it sees and cannot, how it was trained, its numbers."""
     spec = report["spec"]
@@ -81,10 +106,8 @@ on any machine, with no download. Built by `tokcomp train-tiny`; not a general-p
 
 ## How it was trained
 
-- Stage 1: {report['encoder_steps']} steps training the encoder and projector alone to place each
-  patch near the word embeddings of what it shows (colour, shape, letter, its place in the string,
-  count, which half of the picture).
-- Stage 2: {report['steps']} steps on the answers (cross-entropy on the answer and EOS), with the
+- Stage 1: {_stage_one(report)}
+- Stage 2: {report['steps']} steps on the answers (cross-entropy on the answer and EOS{_follow_ups(report)}), with the
   per-patch loss kept at weight {report['patch_weight']} and an evidence loss at weight
   {report.get('evidence_weight', 0)}: minus the log of the attention mass that each answer step pays, in
   language-model layer {report.get('evidence_layer')} (the first half of its heads), to the visual tokens that hold

@@ -9,6 +9,7 @@ vision tower runs batched over all views of a batch. The loss covers the answer 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -59,6 +60,11 @@ def task_schedule(weights: dict[str, int]) -> list[str]:
     """One rotation of tasks, interleaved (a, b, a, c, ...) rather than in blocks."""
     slots = [(k / w, task) for task, w in weights.items() if w > 0 for k in range(w)]
     return [task for _, task in sorted(slots)]
+
+
+def rotation_at(step: int, weights: dict[str, int], starts: dict[str, int]) -> list[str]:
+    """The rotation at answer step ``step``: the tasks whose start step (``starts``, default 0) it has reached."""
+    return task_schedule({task: w for task, w in weights.items() if starts.get(task, 0) <= step})
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -125,7 +131,10 @@ class PatchWords:
     words that answer: looking up "the square" and copying out "red" start out easy.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, cosine_scale: float = 0.0, rms_ratio: float = 0.0):
+        # cosine_scale > 0: logits are that times the cosine (the features' norm left to the anchor);
+        # rms_ratio > 0: a penalty holds the features' RMS at that many times the word embeddings'.
+        self.cosine_scale, self.rms_ratio = cosine_scale, rms_ratio
         self.word_ids = {
             name: torch.tensor([tokenizer.convert_tokens_to_ids(w) for w in words])
             for name, words in LABEL_WORDS.items()
@@ -140,6 +149,8 @@ class PatchWords:
         """Mean cross-entropy over groups; ``projected`` is (pictures, patches, width)."""
         flat = projected.flatten(0, 1)
         total = flat.new_zeros(())
+        if self.cosine_scale:
+            flat, embeddings = F.normalize(flat, dim=-1) * self.cosine_scale, F.normalize(embeddings, dim=-1)
         for name, ids in self.word_ids.items():
             logits = flat @ embeddings[ids].T
             target = torch.from_numpy(np.stack([lab[name].reshape(-1) for lab in labels])).flatten()
@@ -148,7 +159,21 @@ class PatchWords:
                 if bool((target == -100).all()):
                     continue
             total = total + F.cross_entropy(logits.float(), target, ignore_index=-100)
-        return total / len(self.word_ids)
+        total = total / len(self.word_ids)
+        if self.rms_ratio:
+            total = total + rms_anchor(projected, embeddings, self.rms_ratio)
+        return total
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Mean over vectors of their root mean square."""
+    return x.float().pow(2).mean(-1).sqrt().mean()
+
+
+def rms_anchor(projected: torch.Tensor, embeddings: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Squared log-ratio of the visual tokens' RMS to ``ratio`` times the word embeddings' (held fixed):
+    visual tokens far larger than the words leave the LLM no way to write into their positions."""
+    return torch.log(rms(projected) / (ratio * rms(embeddings).detach())).pow(2)
 
 
 def picture_labels(items: Sequence[Item]) -> list[dict[str, np.ndarray]]:
@@ -334,8 +359,16 @@ def batch_loss(
         answer = [*tok(item.target, add_special_tokens=False).input_ids, tok.eos_token_id]
         answer_ids = torch.tensor(answer)
         start = spliced.embeds.shape[0]
-        seqs.append(torch.cat([spliced.embeds, adapter.embed_tokens(answer_ids)]))
-        targets.append((start, answer_ids))
+        pieces, spans = [spliced.embeds, adapter.embed_tokens(answer_ids)], [(start, answer_ids)]
+        end = start + len(answer)
+        for question, reply in item.follow_ups:
+            turn = turn_ids(tok, question)
+            reply_ids = torch.tensor([*tok(reply, add_special_tokens=False).input_ids, tok.eos_token_id])
+            pieces += [adapter.embed_tokens(turn), adapter.embed_tokens(reply_ids)]
+            spans.append((end + len(turn), reply_ids))
+            end += len(turn) + len(reply_ids)
+        seqs.append(torch.cat(pieces))
+        targets.append(spans)
         steps = []
         if evidence_layer is not None and item.evidence:
             if len(item.evidence) != len(answer):
@@ -354,15 +387,23 @@ def batch_loss(
         mask[b, : s.shape[0]] = 1
     positions = torch.arange(length)[None].expand(len(seqs), -1)
     hidden = adapter.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
-    rows = torch.cat([torch.full((len(ids),), b) for b, (_, ids) in enumerate(targets)])
-    cols = torch.cat([torch.arange(len(ids)) + start - 1 for start, ids in targets])
+    spans = [(b, start, ids) for b, item_spans in enumerate(targets) for start, ids in item_spans]
+    rows = torch.cat([torch.full((len(ids),), b) for b, _, ids in spans])
+    cols = torch.cat([torch.arange(len(ids)) + start - 1 for _, start, ids in spans])
     logits = adapter.lm_head(hidden[rows, cols])
-    answer_loss = F.cross_entropy(logits.float(), torch.cat([ids for _, ids in targets]))
+    answer_loss = F.cross_entropy(logits.float(), torch.cat([ids for _, _, ids in spans]))
     zero = answer_loss.new_zeros(())
     evidence_loss = _attention_loss(PROBE.probs[evidence_layer], evidence) if evidence_layer is not None else zero
     query_loss = _attention_loss(PROBE.probs[query_layer], queries) if query_layer is not None else zero
     bind_loss = _binding_loss(PROBE.probs[bind_layer], bindings) if bind_layer is not None else zero
     return answer_loss, patch_loss, evidence_loss, query_loss, bind_loss
+
+
+def turn_ids(tokenizer, question: str) -> torch.Tensor:
+    """The tokens of one more user turn after an answer's EOS, through the chat template: "USER: ... ASSISTANT:"."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def encoder_loss(adapter: LlavaOnevisionAdapter, items: Sequence[Item], words: PatchWords) -> torch.Tensor:
@@ -373,6 +414,55 @@ def encoder_loss(adapter: LlavaOnevisionAdapter, items: Sequence[Item], words: P
     hidden = model.vision_tower(views, output_hidden_states=True).hidden_states[-1]
     projected = model.multi_modal_projector(hidden)
     return words.loss(projected, adapter.model.get_input_embeddings().weight, picture_labels(items))
+
+
+LANGUAGE_MODEL_PREFIX = "model.language_model."
+WORD_EMBEDDINGS = "model.language_model.embed_tokens.weight"
+
+
+def seed_from_state(adapter: LlavaOnevisionAdapter, path: str | Path, patch_rms: float, log=print) -> dict:
+    """Take the seeing half of another run's state (vision tower, projector, image newline, word
+    embeddings) into ``adapter``'s model, whose language model stays freshly initialised; with
+    ``patch_rms`` the projector's output (and the image newline) is rescaled to that many times the word
+    embeddings' RMS. Returns the source's time and runs, and a record of what was taken."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--init-from: {path} does not exist")
+    source = torch.load(path, weights_only=False)
+    model = adapter.model
+    seeing = {k: v for k, v in source["model"].items()
+              if not k.startswith(LANGUAGE_MODEL_PREFIX) or k == WORD_EMBEDDINGS}  # fmt: skip
+    if "lm_head.weight" in source["model"] and model.config.tie_word_embeddings:
+        seeing.pop("lm_head.weight", None)
+    missing = [k for k in seeing if k not in model.state_dict()]
+    if missing:
+        raise TokcompError(f"--init-from: {path} does not fit this model's sizes ({missing[0]} unknown)")
+    model.load_state_dict(seeing, strict=False)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    record = {"state": path.name, "sha256": digest, "from": f"{source['stage']}:{source['step']}",
+              "kept": "vision tower, projector, image newline, word embeddings"}  # fmt: skip
+    if patch_rms:
+        factor = rescale_projector(adapter, patch_rms)
+        record["projector_scaled_by"] = round(factor, 6)
+        log(f"projector output rescaled by {factor:.4f} to {patch_rms} x the word embeddings' RMS")
+    return {"record": record, "cpu_seconds": source["cpu_seconds"], "wall_seconds": source["wall_seconds"],
+            "runs": source["runs"]}  # fmt: skip
+
+
+def rescale_projector(adapter: LlavaOnevisionAdapter, ratio: float, probe_items: int = 8) -> float:
+    """Scale the projector's last layer (and the image newline) so that the visual tokens' RMS on a few
+    training scenes is ``ratio`` times the word embeddings'; returns the factor."""
+    model = adapter.model.model
+    items = [make_item("tc_shapes", "train", i) for i in range(probe_items)]
+    units = [adapter.prepare_units(list(it.images), None) for it in items]
+    with torch.no_grad():
+        projected = _encode_batch(adapter, units)[1]
+        factor = float(ratio * rms(adapter.model.get_input_embeddings().weight) / rms(projected))
+        projector = model.multi_modal_projector
+        projector.linear_2.weight.mul_(factor)
+        projector.linear_2.bias.mul_(factor)
+        model.image_newline.mul_(factor)
+    return factor
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -386,12 +476,13 @@ STATE_FILE = "state.pt"
 DEFAULTS = {
     "steps": 5000, "lr": 2e-3, "patch_weight": 0.5, "evidence_weight": 0.0, "query_weight": 0.0, "query_layer": 1,
     "curriculum_steps": 0, "bind_weight": 0.0, "bind_layer": 0, "kind_weights": {},
-    "task_weights": {},
+    "task_weights": {}, "task_start": {}, "follow_ups": 0, "patch_cosine": 0.0, "patch_rms": 0.0,
 }  # fmt: skip
 # Settings a resumed run may change (the loss weights, the data mix, the peak learning rate of the cosine
 # schedule and the length of the answer stage).
 RESUME_OVERRIDES = ("steps", "lr", "evidence_weight", "query_weight", "query_layer", "patch_weight", "curriculum_steps",
-                    "bind_weight", "bind_layer", "kind_weights", "task_weights")  # fmt: skip
+                    "bind_weight", "bind_layer", "kind_weights", "task_weights", "task_start", "follow_ups",
+                    "patch_cosine", "patch_rms")  # fmt: skip
 STAGES = ("encoder", "answer")
 
 
@@ -460,6 +551,11 @@ def train(
     bind_layer: int = 0,
     kind_weights: dict[str, float] | None = None,
     task_weights: dict[str, int] | None = None,
+    task_start: dict[str, int] | None = None,
+    follow_ups: int = 0,
+    patch_cosine: float = 0.0,
+    patch_rms: float = 0.0,
+    init_from: str | Path | None = None,
     eval_items: int = 200,
     log_every: int = 20,
     threads: int = 2,
@@ -473,20 +569,26 @@ def train(
 ) -> dict:
     """Train, evaluate on ``eval_items`` per task (0: skip) and save the checkpoint with training.json.
 
-    First ``encoder_steps`` steps teach the encoder alone from per-patch labels; then the whole model
-    learns to answer, with the per-patch loss kept at ``patch_weight`` and the evidence loss (the last
-    layer's attention from each answer step onto the tokens that hold its answer) at
-    ``evidence_weight``, and the query loss (layer ``query_layer``'s attention from the first answer
-    step onto the question's key words) at ``query_weight``, and the binding loss (layer ``bind_layer``'s
-    attention from each picture of a multi-image prompt onto the word naming it) at ``bind_weight``;
-    ``kind_weights`` asks some question types more often and ``task_weights`` (over ``TASK_WEIGHTS``)
-    gives some tasks more batches of the rotation. With ``curriculum_steps`` the scenes grow
-    from the fewest objects to full difficulty over that many answer steps (counted from where the
-    curriculum was switched on). Every ``save_minutes`` the whole
-    state (weights, optimizer, data cursor, history, time spent) goes to ``<out>.train/state.pt``;
-    ``resume`` continues from it with the settings it was started with, except ``overrides`` (any of
-    ``RESUME_OVERRIDES``), which the run's record keeps. ``stop_after_minutes`` ends this run early
-    (state saved, no checkpoint) so that a long training can span several runs.
+    First ``encoder_steps`` steps teach the encoder alone from per-patch labels; then the whole model learns to
+    answer, with the per-patch loss kept at ``patch_weight`` and the evidence loss (the last layer's attention
+    from each answer step onto the tokens that hold its answer) at ``evidence_weight``, and the query loss
+    (layer ``query_layer``'s attention from the first answer step onto the question's key words) at
+    ``query_weight``, and the binding loss (layer ``bind_layer``'s attention from each picture of a multi-image
+    prompt onto the word naming it) at ``bind_weight``; ``kind_weights`` asks some question types more often and
+    ``task_weights`` (over ``TASK_WEIGHTS``) gives some tasks more batches of the rotation, ``task_start`` holds
+    a task out of it until that answer step (a task learnt quickly joins after the slower ones have formed);
+    ``follow_ups`` asks up to that many more questions about the same pictures in the same conversation
+    (tc_shapes, tc_multi). ``patch_cosine`` scores the per-patch words by cosine (times it) instead of the dot
+    product and ``patch_rms`` holds the visual tokens' RMS at that many times the word embeddings'.
+    ``init_from`` (a state file of another run) starts the answer stage from that run's vision tower, projector,
+    image newline and word embeddings with a freshly initialised language model (with ``patch_rms``, the
+    projector's output rescaled to it first); its time counts in this run's total. With ``curriculum_steps`` the
+    scenes grow from the fewest objects to full difficulty over that many answer steps (counted from where the
+    curriculum was switched on). Every ``save_minutes`` the whole state (weights, optimizer, data cursor,
+    history, time spent) goes to ``<out>.train/state.pt``; ``resume`` continues from it with the settings it was
+    started with, except ``overrides`` (any of ``RESUME_OVERRIDES``), which the run's record keeps.
+    ``stop_after_minutes`` ends this run early (state saved, no checkpoint) so that a long training can span
+    several runs.
     """
     from tokcomp.tiny.evaluate import evaluate_tasks
 
@@ -498,6 +600,8 @@ def train(
         "evidence_weight": evidence_weight, "query_weight": query_weight, "query_layer": query_layer,
         "curriculum_steps": curriculum_steps, "curriculum_from": 0, "bind_weight": bind_weight,
         "bind_layer": bind_layer, "kind_weights": dict(kind_weights or {}), "task_weights": dict(task_weights or {}),
+        "task_start": dict(task_start or {}), "follow_ups": follow_ups, "patch_cosine": patch_cosine,
+        "patch_rms": patch_rms,
     }  # fmt: skip
     saved = None
     if resume:
@@ -525,17 +629,26 @@ def train(
     if saved is not None:
         model.load_state_dict(saved["model"])
     adapter = LlavaOnevisionAdapter(model, tokenizer, processor, "tokcomp-tiny")
-    words = PatchWords(tokenizer)
+    source = None
+    if init_from is not None and saved is None:
+        source = seed_from_state(adapter, init_from, settings["patch_rms"], log)
+        settings["init_from"] = source["record"]
+    words = PatchWords(tokenizer, settings["patch_cosine"], settings["patch_rms"])
     evidence_layer = spec["text"]["num_hidden_layers"] - 1 if settings.get("evidence_weight", 0.0) else None
     query_layer = settings["query_layer"] if settings["query_weight"] else None
     bind_layer = settings["bind_layer"] if settings["bind_weight"] else None
     model.train()
     task_weights = {**TASK_WEIGHTS, **settings["task_weights"]}
-    rotation = task_schedule(task_weights)
+    task_start = settings["task_start"]
+    if not rotation_at(0, task_weights, task_start):
+        raise TokcompError("no task trains from answer step 0: lower a --task-start or raise a --task-weight")
     progress = saved or {
         "stage": STAGES[0], "step": 0, "cursor": dict.fromkeys(TASKS, 0), "history": [], "curve": [],
         "cpu_seconds": 0.0, "wall_seconds": 0.0, "runs": [],
     }  # fmt: skip
+    if source is not None:  # the encoder has learnt already: on to the answer stage, its time carried over
+        progress.update(stage="answer", cpu_seconds=source["cpu_seconds"], wall_seconds=source["wall_seconds"],
+                        runs=source["runs"])  # fmt: skip
     cursor = progress["cursor"]
     run_started, cpu_started = time.perf_counter(), time.process_time()
     base_wall, base_cpu = progress["wall_seconds"], progress["cpu_seconds"]
@@ -559,7 +672,8 @@ def train(
         size = max(1, round(BATCH_SIZES[task] * settings["batch_scale"] * scale))
         level = difficulty()
         kinds = settings["kind_weights"] or None
-        items = [make_item(task, "train", cursor[task] + i, settings["seed"], level, kinds) for i in range(size)]
+        items = [make_item(task, "train", cursor[task] + i, settings["seed"], level, kinds, settings["follow_ups"])
+                 for i in range(size)]  # fmt: skip
         cursor[task] += size
         return items
 
@@ -609,6 +723,8 @@ def train(
             running: dict[str, list[float]] = {}
             while progress["step"] < n:
                 step = progress["step"]
+                starts = task_start if name == "answer" else {}  # the encoder stage sees every task
+                rotation = rotation_at(step, task_weights, starts)
                 task = rotation[step % len(rotation)]
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, n, settings["lr"], min(settings["warmup"], n))
@@ -736,6 +852,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="ask this question type W times as often in training (repeatable; e.g. position=3)")
     parser.add_argument("--task-weight", action="append", metavar="TASK=N", dest="task_weights",
                         help=f"give this task N batches per rotation (repeatable; default {TASK_WEIGHTS})")
+    parser.add_argument("--task-start", action="append", metavar="TASK=STEP", dest="task_start",
+                        help="keep this task out of the answer stage until that step (repeatable; e.g. tc_text=2000)")
+    parser.add_argument("--follow-ups", type=int,
+                        help="ask up to N more questions about the same pictures in one conversation (tc_shapes, "
+                             "tc_multi; default 0)")  # fmt: skip
+    parser.add_argument("--patch-cosine", type=float,
+                        help="score the per-patch words by cosine times this instead of the dot product (default 0: "
+                             "dot product)")  # fmt: skip
+    parser.add_argument("--patch-rms", type=float,
+                        help="hold the visual tokens' RMS at this many times the word embeddings' (default 0: off)")
+    parser.add_argument("--init-from", metavar="STATE",
+                        help="start the answer stage from another run's state.pt: its vision tower, projector and "
+                             "word embeddings, with a fresh language model")  # fmt: skip
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply every task's batch size")
     parser.add_argument("--eval-items", type=int, default=200, help="eval items per task after training (0: skip)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -759,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.kind_weights = parse_weights(args.kind_weights, "--kind-weight", KIND_NAMES, float)
         if args.task_weights is not None:
             args.task_weights = parse_weights(args.task_weights, "--task-weight", TASKS, int)
+        if args.task_start is not None:
+            args.task_start = parse_weights(args.task_start, "--task-start", TASKS, int)
         given = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
         chosen = {**DEFAULTS, **given}
         train(
@@ -768,7 +899,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             evidence_weight=chosen["evidence_weight"], query_weight=chosen["query_weight"],
             query_layer=chosen["query_layer"], curriculum_steps=chosen["curriculum_steps"],
             bind_weight=chosen["bind_weight"], bind_layer=chosen["bind_layer"], kind_weights=chosen["kind_weights"],
-            task_weights=chosen["task_weights"], eval_items=args.eval_items, log_every=args.log_every,
+            task_weights=chosen["task_weights"], task_start=chosen["task_start"], follow_ups=chosen["follow_ups"],
+            patch_cosine=chosen["patch_cosine"], patch_rms=chosen["patch_rms"], init_from=args.init_from,
+            eval_items=args.eval_items, log_every=args.log_every,
             threads=args.threads, save_minutes=args.save_minutes, curve_every=args.curve_every,
             curve_items=args.curve_items, resume=args.resume, stop_after_minutes=args.stop_after_minutes,
             overrides=given if args.resume else None, log=lambda m: print(m, flush=True),

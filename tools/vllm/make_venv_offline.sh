@@ -10,4 +10,6 @@ HF_HUB_OFFLINE=1 nice -n 10 "$VENV/bin/pip" install --no-index --find-links "$WH
 # fake kernels for torchvision::nms/qnms unconditionally -> guard them like the other ops.
 SP=$("$VENV/bin/python" -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')
 sed -i -E 's/^@torch\.library\.register_fake\("torchvision::(q?nms)"\)/@register_meta("\1")/' "$SP/torchvision/_meta_registrations.py"
-OMP_NUM_THREADS=1 "$VENV/bin/python" -c "import torchvision.transforms.v2, vllm, vllm._C; from vllm import LLM; print('vllm', vllm.__version__, 'ok')"
+# the kernels as vLLM loads them: _C (AVX512 + BF16), _C_AVX512 or _C_AVX2 by what the CPU has; importing
+# vllm._C itself on an AVX2-only CPU (AMD EPYC here) dies with "Illegal instruction"
+OMP_NUM_THREADS=1 "$VENV/bin/python" -c "import torchvision.transforms.v2, vllm; from vllm.platforms import current_platform as p; p.import_kernels(); from vllm import LLM; print('vllm', vllm.__version__, 'ok')"
