@@ -60,7 +60,7 @@ lint: install
 # (vLLM's CPU attention takes head sizes >= 32) and, for OneVision, a processor config and vLLM's vision key
 # layout (tools/vllm/prep_ckpts.sh). None of these is part of make test.
 #   vllm-feasibility: greedy generation for a text and an image prompt on each tiny checkpoint;
-#   test-vllm: the plugin end to end (tools/vllm/test_plugin.py, about 3 minutes);
+#   test-vllm: the plugin end to end (tools/vllm/test_plugin.py, about 2 minutes);
 #   bench-vllm: TTFT and throughput with and without pruning, tiny and a real shape, into BENCHMARKS.md.
 VLLM_VENV := .vllm-venv
 VLLM_WHEELS := .vllm-wheels

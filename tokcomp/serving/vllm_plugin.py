@@ -55,7 +55,11 @@ def method_scores(method: str, embeddings: torch.Tensor, seed: int = 0, frames: 
         return DivPrune().score(embeddings, None, 0)
     if method == "dycoke":
         return dycoke_scores(embeddings, frames)
-    raise ValueError(f"{METHOD_ENV}={method!r}: the plugin applies one of {', '.join(METHODS)} (or evs: vLLM's own)")
+    raise unknown_method(method)
+
+
+def unknown_method(method: str) -> ValueError:
+    return ValueError(f"{METHOD_ENV}={method!r}: the plugin applies one of {', '.join(METHODS)} (or evs: vLLM's own)")
 
 
 def keep_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -91,8 +95,13 @@ def make_mask_function(method: str, seed: int = 0):
                 "kept": mask.nonzero().flatten().tolist()})  # fmt: skip
         return mask
 
-    compute_retention_mask.tokcomp_method = method
     return compute_retention_mask
+
+
+def install_mask_function(function) -> None:
+    """Make ``function`` the ``compute_retention_mask`` the Qwen VL modules call (they look it up per call)."""
+    for name in PATCHED_MODULES:
+        importlib.import_module(name).compute_retention_mask = function
 
 
 def enable_pruning_on_cpu() -> None:
@@ -128,9 +137,6 @@ def register() -> None:
     method = os.environ.get(METHOD_ENV, "").strip().lower()
     if method in ("", "evs"):
         return
-    method_scores(method, torch.zeros(1, 1))  # an unknown method fails here, at start-up, with its name
-    function = make_mask_function(method, int(os.environ.get(SEED_ENV, "0")))
-    for name in PATCHED_MODULES:
-        module = importlib.import_module(name)
-        if getattr(module.compute_retention_mask, "tokcomp_method", None) != method:
-            module.compute_retention_mask = function
+    if method not in METHODS:
+        raise unknown_method(method)  # at start-up, before any request
+    install_mask_function(make_mask_function(method, int(os.environ.get(SEED_ENV, "0"))))

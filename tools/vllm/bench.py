@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,35 +31,20 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 CONFIGURATIONS = ("plain", "evs", "divprune", "random", "dycoke")
 
 
-def video(seed: int, frames: int, size: int) -> tuple:
-    """A random (frames, size, size, 3) video at 2 fps with the metadata vLLM's Qwen parser asks for."""
-    import numpy as np
-
-    pixels = np.random.default_rng(seed).integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
-    return pixels, {"total_num_frames": frames, "fps": 2.0, "frames_indices": list(range(frames)),
-                    "duration": frames / 2.0}  # fmt: skip
-
-
 def select(configuration: str) -> None:
     """Point the Qwen modules' mask function at vLLM's EVS or at the plugin's method."""
-    import importlib
-
     from vllm.multimodal.video_prune import evs
 
     from tokcomp.serving import vllm_plugin as plugin
 
     vllms_own = configuration in ("plain", "evs")
-    function = evs.compute_retention_mask if vllms_own else plugin.make_mask_function(configuration)
-    for name in plugin.PATCHED_MODULES:
-        importlib.import_module(name).compute_retention_mask = function
+    plugin.install_mask_function(evs.compute_retention_mask if vllms_own else plugin.make_mask_function(configuration))
 
 
 def report(case: str, configuration: str, args: argparse.Namespace, metrics: dict, machine: dict) -> dict:
     import vllm
 
-    command = (f"python tools/vllm/bench.py {args.checkpoint} --case {args.case} --model {shlex.quote(args.model)} "
-               f"--frames {args.frames} --size {args.size} --rate {args.rate} --repeat {args.repeat} "
-               f"--batch {args.batch} --new-tokens {args.new_tokens} --out-dir {args.out_dir}")  # fmt: skip
+    command = "python " + shlex.join(["tools/vllm/bench.py", *sys.argv[1:]])
     vision_layers = {"vision_layers_run": args.vision_layers_run, "vision_layers_real": args.vision_layers_real}
     return {
         "tool": f"vLLM {vllm.__version__} (CPU) with the tokcomp plugin",
@@ -103,6 +89,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from inputs import video
     from vllm import LLM, SamplingParams
 
     from tokcomp.machine import machine_info

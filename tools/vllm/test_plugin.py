@@ -32,13 +32,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 RATE = 0.5
 
 
-def videos(count: int, frames: int = 8) -> list[tuple]:
-    """Random (frames, 112, 112, 3) videos with the metadata vLLM's Qwen parser asks for (2 fps)."""
-    import numpy as np
+def videos(count: int) -> list[tuple]:
+    """Random (8, 112, 112, 3) videos with their metadata (2 fps)."""
+    from inputs import video
 
-    rng = np.random.default_rng(0)
-    metadata = {"total_num_frames": frames, "fps": 2.0, "frames_indices": list(range(frames)), "duration": frames / 2.0}
-    return [(rng.integers(0, 255, (frames, 112, 112, 3), dtype=np.uint8), dict(metadata)) for _ in range(count)]
+    return [video(seed, 8, 112) for seed in range(count)]
 
 
 def record_positions() -> list:
@@ -246,7 +244,7 @@ def main(argv: list[str]) -> int:
     check(evs["together"] == evs["alone"], "vLLM EVS: the batch gives each its tokens alone")
     same = processes["alone"] == runs["divprune"]["alone"] and processes["together"] == runs["divprune"]["alone"]
     check(same and len(processes["trace"]) >= 3 and not processes["positions"][0],
-          "divprune with vLLM's engine-core and worker processes: the plugin selects there, the same tokens")  # fmt: skip
+          "divprune with vLLM's engine-core and worker processes: the plugin selects there, same tokens")  # fmt: skip
     kept = {tuple(runs[method]["trace"][0]["kept"]) for method in plugin.METHODS}
     check(len(kept) == len(plugin.METHODS), f"{', '.join(plugin.METHODS)}: each keeps other tokens")
     shown = ("alone", "together", "prompt_lengths", "seconds")
